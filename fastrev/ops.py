@@ -1,0 +1,365 @@
+"""Public ops: one reverse step, DDPM or DDIM, on the fused Triton kernel or on the float64 reference.
+
+``backend="auto"`` runs the kernel on CUDA tensors and the reference on the CPU; ``"triton"`` on CPU tensors runs
+the kernel under the Triton interpreter (``TRITON_INTERPRET=1`` set before fastrev is imported), which is how CI
+tests it. ``"reference"`` (alias ``"torch"``) computes in float64 with :mod:`fastrev.reference` straight from the
+schedule — an independent path from the coefficient tables — and casts to the sample's dtype.
+
+Dtype rule: the output has the sample's dtype; model output, noise and sample may be any mix of float16, bfloat16,
+float32 (and float64 on the reference backend); the kernel computes in float32. float64 inputs run on the
+reference under ``"auto"`` (the kernel would lose their precision).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+
+from . import noise as _noise
+from . import reference as R
+from . import tables as T
+from .schedule import Schedule
+
+__all__ = ["StepOutput", "ddpm_step", "ddim_step", "BACKENDS", "resolve_timestep", "draw_seed"]
+
+BACKENDS = ("auto", "reference", "torch", "triton")
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+class StepOutput(NamedTuple):
+    """``prev_sample`` is x_{t−1}; ``pred_original_sample`` is x̂₀ (None when not requested)."""
+    prev_sample: torch.Tensor
+    pred_original_sample: Optional[torch.Tensor]
+
+
+# ------------------------------------------------------------------------------------------------ validation
+def _check_choice(name, value, choices):
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+
+
+def _check_float_tensor(name, x, allow_f64=True):
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in _FLOATS:
+        raise TypeError(f"{name} must be a floating tensor (float16, bfloat16, float32, float64), got {x.dtype}")
+
+
+def _check_positive(name, v):
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(v).__name__}")
+    if not v > 0:
+        raise ValueError(f"{name} must be > 0, got {v}")
+
+
+def resolve_timestep(timestep, B: int, num_timesteps: int, device) -> torch.Tensor:
+    """``timestep`` (int, 0-dim or [B] int tensor) → int64 [B] on ``device``. Range-checked on the host when it is
+    a Python int or a CPU tensor; a device tensor is used as is (no host sync)."""
+    if isinstance(timestep, bool):
+        raise TypeError("timestep must be an int or an integer tensor, got bool")
+    if isinstance(timestep, int):
+        if not 0 <= timestep < num_timesteps:
+            raise ValueError(f"timestep must be in [0, {num_timesteps}), got {timestep}")
+        return torch.full((B,), timestep, dtype=torch.int64, device=device)
+    if not isinstance(timestep, torch.Tensor):
+        try:
+            import numpy as np
+            if isinstance(timestep, np.integer):
+                return resolve_timestep(int(timestep), B, num_timesteps, device)
+        except ImportError:  # pragma: no cover
+            pass
+        raise TypeError(f"timestep must be an int or an integer tensor, got {type(timestep).__name__}")
+    if timestep.dtype.is_floating_point or timestep.dtype.is_complex or timestep.dtype == torch.bool:
+        raise TypeError(f"timestep must have an integer dtype, got {timestep.dtype}")
+    if timestep.dim() > 1 or (timestep.dim() == 1 and timestep.shape[0] not in (1, B)):
+        raise ValueError(f"timestep must be a scalar or have shape [{B}] (one step per sample), "
+                         f"got shape {tuple(timestep.shape)}")
+    if timestep.device.type == "cpu" and timestep.numel():
+        lo, hi = int(timestep.min()), int(timestep.max())
+        if lo < 0 or hi >= num_timesteps:
+            raise ValueError(f"timestep must be in [0, {num_timesteps}), got values in [{lo}, {hi}]")
+    t = timestep.to(device=device, dtype=torch.int64, non_blocking=True)
+    return t.reshape(-1).expand(B).contiguous() if t.numel() != B or t.dim() != 1 else t.contiguous()
+
+
+def draw_seed(generator: torch.Generator | None, device) -> torch.Tensor:
+    """A 63-bit seed drawn from ``generator`` (or torch's default generator), as an int64 [1] tensor on ``device``
+    (drawn on the generator's device: no host sync for a CUDA generator)."""
+    gen_device = generator.device if generator is not None else torch.device("cpu")
+    s = torch.randint(0, 2**62, (1,), generator=generator, device=gen_device, dtype=torch.int64)
+    return s.to(device, non_blocking=True)
+
+
+def _per_sample_contiguous(x: torch.Tensor) -> bool:
+    """Contiguous within each sample (dims 1..), any batch stride."""
+    expected = 1
+    for size, stride in zip(reversed(x.shape[1:]), reversed(x.stride()[1:])):
+        if size != 1 and stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _flat_view(x: torch.Tensor) -> torch.Tensor:
+    """The tensor itself if the kernel can read it in place, else an explicit contiguous copy (documented: a
+    layout the kernel's [B, N] view cannot express, e.g. channels_last or a transposed view)."""
+    return x if _per_sample_contiguous(x) else x.contiguous()
+
+
+# ------------------------------------------------------------------------------------------------ the op
+def _step(kind, model_output, timestep, sample, schedule, *, prediction_type, variance_type, clip_sample,
+          clip_sample_range, thresholding, dynamic_thresholding_ratio, sample_max_value, noise, seed,
+          sample_offset, generator, out, backend, return_x0, eta=0.0, use_clipped_model_output=False):
+    # ---- validation (every message names the argument and the expectation)
+    if not isinstance(schedule, Schedule):
+        raise TypeError(f"schedule must be a fastrev.Schedule, got {type(schedule).__name__}")
+    _check_float_tensor("sample", sample)
+    _check_float_tensor("model_output", model_output)
+    _check_choice("prediction_type", prediction_type, R.PREDICTION_TYPES)
+    _check_choice("variance_type", variance_type, R.VARIANCE_TYPES)
+    _check_choice("backend", backend, BACKENDS)
+    if sample.dim() < 1:
+        raise ValueError("sample must have a batch dimension (shape [B, ...]), got a 0-dim tensor")
+    if model_output.device != sample.device:
+        raise ValueError(f"model_output is on {model_output.device} but sample is on {sample.device}")
+    learned = variance_type in ("learned", "learned_range")
+    if learned:
+        if sample.dim() < 2:
+            raise ValueError(f"variance_type={variance_type!r} needs a channel dimension: sample [B, C, ...]")
+        want = (sample.shape[0], 2 * sample.shape[1]) + tuple(sample.shape[2:])
+        if tuple(model_output.shape) != want:
+            raise ValueError(f"model_output must have shape {want} (2C channels: output then variance values) for "
+                             f"variance_type={variance_type!r}, got {tuple(model_output.shape)}")
+    elif model_output.shape != sample.shape:
+        raise ValueError(f"model_output must have the sample's shape {tuple(sample.shape)}, "
+                         f"got {tuple(model_output.shape)}")
+    if clip_sample:
+        _check_positive("clip_sample_range", clip_sample_range)
+    if thresholding:
+        if not (isinstance(dynamic_thresholding_ratio, (int, float)) and 0 < dynamic_thresholding_ratio <= 1):
+            raise ValueError(f"dynamic_thresholding_ratio must be in (0, 1], got {dynamic_thresholding_ratio!r}")
+        _check_positive("sample_max_value", sample_max_value)
+    if kind == "ddim":
+        if isinstance(eta, bool) or not isinstance(eta, (int, float)):
+            raise TypeError(f"eta must be a number, got {type(eta).__name__}")
+        if not eta >= 0:
+            raise ValueError(f"eta must be >= 0, got {eta}")
+    if isinstance(sample_offset, bool) or not isinstance(sample_offset, int) or sample_offset < 0:
+        raise ValueError(f"sample_offset must be an int >= 0, got {sample_offset!r}")
+    if noise is not None:
+        _check_float_tensor("noise", noise)
+        if noise.shape != sample.shape:
+            raise ValueError(f"noise must have the sample's shape {tuple(sample.shape)}, got {tuple(noise.shape)}")
+        if noise.device != sample.device:
+            raise ValueError(f"noise is on {noise.device} but sample is on {sample.device}")
+    if out is not None:
+        if not isinstance(out, torch.Tensor):
+            raise TypeError(f"out must be a torch.Tensor, got {type(out).__name__}")
+        if out.shape != sample.shape or out.dtype != sample.dtype or out.device != sample.device:
+            raise ValueError(f"out must match sample (shape {tuple(sample.shape)}, {sample.dtype}, {sample.device}), "
+                             f"got shape {tuple(out.shape)}, {out.dtype}, {out.device}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+
+    B = sample.shape[0]
+    device = sample.device
+    t = resolve_timestep(timestep, B, schedule.num_timesteps, device)
+    stochastic = kind == "ddpm" or eta > 0
+    clip = bool(thresholding or clip_sample)
+
+    # ---- backend
+    needs_grad = torch.is_grad_enabled() and (sample.requires_grad or model_output.requires_grad)
+    any_f64 = torch.float64 in (sample.dtype, model_output.dtype) or (noise is not None and noise.dtype == torch.float64)
+    if backend == "auto":
+        backend = "triton" if device.type == "cuda" and not any_f64 and not needs_grad else "reference"
+    elif backend == "torch":
+        backend = "reference"
+    if backend == "triton":
+        from .kernels import reverse_step as K
+        if device.type == "cpu" and not K.INTERPRET:
+            raise RuntimeError("backend='triton' on CPU tensors needs the Triton interpreter: set TRITON_INTERPRET=1 "
+                               "before importing fastrev, or use backend='reference' / 'auto'")
+        if device.type not in ("cpu", "cuda"):
+            raise ValueError(f"backend='triton' supports CUDA (and CPU under TRITON_INTERPRET=1), got {device}")
+        if any_f64:
+            raise TypeError("backend='triton' computes in float32; float64 tensors need backend='reference' "
+                            "(or 'auto', which picks it)")
+        if needs_grad:
+            backend = "reference"   # autograd through the step: the differentiable reference
+
+    # ---- noise source (the counter stream unless a tensor is given)
+    seed_t = None
+    if stochastic and noise is None:
+        if seed is None:
+            seed_t = draw_seed(generator, device)
+        else:
+            seed_t = _noise.as_seed_tensor(seed, device)
+
+    if backend == "reference":
+        prev, x0 = _reference_step(kind, model_output, t, sample, schedule, prediction_type, variance_type,
+                                   clip_sample, clip_sample_range, thresholding, dynamic_thresholding_ratio,
+                                   sample_max_value, noise, seed_t, sample_offset, stochastic, eta,
+                                   use_clipped_model_output, learned)
+        prev = prev.to(sample.dtype)
+        if out is not None:
+            out.copy_(prev)
+            prev = out
+        return StepOutput(prev, x0.to(sample.dtype) if return_x0 else None)
+
+    # ---- the fused kernel
+    if kind == "ddpm":
+        key = ("ddpm", prediction_type, variance_type, clip, float(clip_sample_range))
+        build = lambda: T.ddpm_table(schedule, prediction_type, variance_type, clip, clip_sample_range)  # noqa: E731
+    else:
+        key = ("ddim", prediction_type, float(eta), clip, float(clip_sample_range), bool(use_clipped_model_output))
+        build = lambda: T.ddim_table(schedule, prediction_type, eta, clip, clip_sample_range,  # noqa: E731
+                                     use_clipped_model_output)
+    table = T.device_table(schedule, key, build, device)
+    return fused_step(table, t, sample, model_output, learned=learned, variance_type=variance_type,
+                      clip=clip, thresholding=thresholding, dynamic_thresholding_ratio=dynamic_thresholding_ratio,
+                      sample_max_value=sample_max_value, noise=noise if stochastic else None,
+                      seed=seed_t, sample_offset=sample_offset, stochastic=stochastic, out=out, return_x0=return_x0)
+
+
+def fused_step(table, t, sample, model_output, *, learned=False, variance_type="fixed_small", clip=False,
+               thresholding=False, dynamic_thresholding_ratio=0.995, sample_max_value=1.0, noise=None, seed=None,
+               sample_offset=0, stochastic=True, out=None, return_x0=True, var_mode=None, step=None,
+               base=None) -> StepOutput:
+    """Run the fused kernel with a prepared device table (float32 [T, NCOL]) and int64 [B] rows ``t``.
+
+    The building block of the ops, the samplers and the diffusers schedulers: a new sampler is a new table.
+    ``var_mode`` overrides the variance mode implied by ``variance_type`` (e.g. ``tables.VAR_LINEAR``);
+    ``step`` (int64 [B]) is the noise step of the counter stream when it differs from the row ``t``; ``base`` is
+    the optional third state (column D). ``seed``: int64 [1] device tensor (counter noise when ``noise`` is None
+    and ``stochastic``). No validation here: the public ops validate.
+    """
+    from .kernels import reverse_step as K
+    C = sample.shape[1] if sample.dim() > 1 else 0
+    x = _flat_view(sample)
+    if learned:
+        eps_part, var_part = _flat_view(model_output[:, :C]), _flat_view(model_output[:, C:])
+    else:
+        eps_part, var_part = _flat_view(model_output), None
+    if var_mode is None:
+        var_mode = T.VAR_MODES[variance_type]
+    if noise is not None:
+        noise_mode, z = K.NOISE_TENSOR, _flat_view(noise)
+    elif stochastic:
+        noise_mode, z = K.NOISE_PHILOX, None
+    else:
+        noise_mode, z = K.NOISE_NONE, None
+    thresh = None
+    if thresholding:
+        clip_mode = K.CLIP_THRESHOLD
+        thresh = _threshold_scale(table, t, x, eps_part, dynamic_thresholding_ratio, sample_max_value)
+    else:
+        clip_mode = K.CLIP_RANGE if clip else K.CLIP_NONE
+    # outputs: write straight into `out` when the kernel can address it (in place over `sample` included)
+    if out is not None and _per_sample_contiguous(out):
+        prev = out
+    else:
+        prev = torch.empty_like(sample, memory_format=torch.contiguous_format)
+    x0 = torch.empty_like(sample, memory_format=torch.contiguous_format) if return_x0 else None
+    K.reverse_step(x, eps_part, var_part, z, None if base is None else _flat_view(base), thresh, table, t, step,
+                   seed, prev, x0, sample_offset, clip_mode, var_mode, noise_mode)
+    if out is not None and prev is not out:
+        out.copy_(prev)
+        prev = out
+    return StepOutput(prev, x0)
+
+
+def _threshold_scale(table, t, x, out, ratio, max_value):
+    """The dynamic-thresholding pre-pass: s_b = clamp(quantile(|x̂₀_b|, ratio), 1, max_value), float32 [B].
+
+    Costs one extra read of x and out (8 B/elem in fp32), a float32 x̂₀ temporary (4 B written + read) and the
+    quantile's sort (torch.quantile: a few passes over |x̂₀|): roughly 2–3× the fused step's own traffic.
+    """
+    B = x.shape[0]
+    coef = table[t]                                               # [B, NCOL] gather on the device
+    a = coef[:, T.COL["A"]].reshape((B,) + (1,) * (x.dim() - 1))
+    b = coef[:, T.COL["B"]].reshape((B,) + (1,) * (x.dim() - 1))
+    x0 = (a * x.float() + b * out.float()).reshape(B, -1)
+    if x0.shape[1] == 0:
+        return torch.ones(B, dtype=torch.float32, device=x.device)
+    return torch.quantile(x0.abs(), ratio, dim=1).clamp(min=1.0, max=max_value).contiguous()
+
+
+def _reference_step(kind, model_output, t, sample, schedule, prediction_type, variance_type, clip_sample,
+                    clip_sample_range, thresholding, ratio, max_value, noise, seed_t, sample_offset, stochastic,
+                    eta, use_clipped_model_output, learned):
+    dev = sample.device
+    f64 = torch.float64
+    ab = schedule.device_tensor("alpha_bars", dev)
+    betas = schedule.device_tensor("betas", dev)
+    x = sample.to(f64)
+    o = model_output.to(f64)
+    var_values = None
+    if learned:
+        C = sample.shape[1]
+        o, var_values = o[:, :C], o[:, C:]
+    if stochastic:
+        if noise is None:
+            z = _noise.noise_like(sample, seed_t, t, sample_offset).to(f64)
+        else:
+            z = noise.to(f64)
+    else:
+        z = None
+    threshold = (ratio, max_value) if thresholding else None
+    clip_range = clip_sample_range if clip_sample else None
+    if kind == "ddpm":
+        return R.ddpm_step(x, t, o, ab, betas, prediction_type=prediction_type, variance_type=variance_type,
+                           model_var_values=var_values, clip_range=clip_range, threshold=threshold, noise=z)
+    return R.ddim_step(x, t, o, ab, eta=eta, prediction_type=prediction_type, clip_range=clip_range,
+                       threshold=threshold, use_clipped_model_output=use_clipped_model_output, noise=z)
+
+
+_DOC_ARGS = """
+    Args:
+        model_output: the model's output for ``sample`` at ``timestep``: ε, x₀ or v (``prediction_type``), with
+            2C channels (output, then variance values) for learned variances.
+        timestep: schedule index t: an int, a 0-dim tensor or a [B] int tensor (per-sample steps).
+        sample: x_t, [B, ...].
+        schedule: a :class:`fastrev.Schedule` (respace it for fewer steps).
+        clip_sample / clip_sample_range: clamp x̂₀ to ±range. thresholding / dynamic_thresholding_ratio /
+            sample_max_value: Imagen's dynamic thresholding (diffusers semantics; takes precedence over clipping).
+        noise: z, shaped like sample; else the counter stream of ``seed`` (an int or an int64 device tensor) for
+            samples ``sample_offset + arange(B)`` at step t (:mod:`fastrev.noise`); else a seed drawn from
+            ``generator`` (or torch's default generator).
+        out: where to write x_{t−1} (may be ``sample`` itself: in place).
+        backend: "auto" (triton on CUDA, reference elsewhere), "triton", "reference" (alias "torch").
+        return_x0: also write x̂₀ (16 B/elem in fp32 instead of 12).
+    Returns:
+        StepOutput(prev_sample, pred_original_sample)
+"""
+
+
+def ddpm_step(model_output, timestep, sample, schedule, *, prediction_type="epsilon", variance_type="fixed_small",
+              clip_sample=False, clip_sample_range=1.0, thresholding=False, dynamic_thresholding_ratio=0.995,
+              sample_max_value=1.0, noise=None, seed=None, sample_offset=0, generator=None, out=None,
+              backend="auto", return_x0=True) -> StepOutput:
+    return _step("ddpm", model_output, timestep, sample, schedule, prediction_type=prediction_type,
+                 variance_type=variance_type, clip_sample=clip_sample, clip_sample_range=clip_sample_range,
+                 thresholding=thresholding, dynamic_thresholding_ratio=dynamic_thresholding_ratio,
+                 sample_max_value=sample_max_value, noise=noise, seed=seed, sample_offset=sample_offset,
+                 generator=generator, out=out, backend=backend, return_x0=return_x0)
+
+
+def ddim_step(model_output, timestep, sample, schedule, *, eta=0.0, use_clipped_model_output=False,
+              prediction_type="epsilon", clip_sample=False, clip_sample_range=1.0, thresholding=False,
+              dynamic_thresholding_ratio=0.995, sample_max_value=1.0, noise=None, seed=None, sample_offset=0,
+              generator=None, out=None, backend="auto", return_x0=True) -> StepOutput:
+    return _step("ddim", model_output, timestep, sample, schedule, prediction_type=prediction_type,
+                 variance_type="fixed_small", clip_sample=clip_sample, clip_sample_range=clip_sample_range,
+                 thresholding=thresholding, dynamic_thresholding_ratio=dynamic_thresholding_ratio,
+                 sample_max_value=sample_max_value, noise=noise, seed=seed, sample_offset=sample_offset,
+                 generator=generator, out=out, backend=backend, return_x0=return_x0, eta=eta,
+                 use_clipped_model_output=use_clipped_model_output)
+
+
+ddpm_step.__doc__ = ("One ancestral DDPM step: x_{t−1} = μ̃_t(x_t, x̂₀) + σ_t z (no noise where t = 0); "
+                     "variance_type ∈ fixed_small (β̃), fixed_large (β), learned (log σ² channels), learned_range "
+                     "(v ∈ [−1, 1] interpolating log β̃ and log β).\n" + _DOC_ARGS)
+ddim_step.__doc__ = ("One DDIM(η) step: x_{t−1} = √ᾱ_{t−1} x̂₀ + √(1 − ᾱ_{t−1} − σ²) ε̂ + σ z with "
+                     "σ = η √((1−ᾱ_{t−1})/(1−ᾱ_t)) √(1 − ᾱ_t/ᾱ_{t−1}); ε̂ from the raw output, or from the clipped x̂₀ "
+                     "with use_clipped_model_output.\n" + _DOC_ARGS)

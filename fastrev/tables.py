@@ -1,0 +1,113 @@
+"""Per-timestep coefficient tables: every sampler step is the same Gaussian update with different numbers.
+
+One row per schedule index t, built once in float64 on the host, cached per (schedule, options, device) as float32,
+and gathered by the fused kernel with the per-sample t:
+
+    x̂₀     = A·x_t + B·out                                (optionally clipped: ±CLIP, or dynamic threshold)
+    x_{t−1} = C0·x̂₀ + C1·x_t + C2·out (+ D·base) + σ·z     (base: an optional third state, e.g. Heun's 2nd stage)
+    σ       = SIGMA                                        (VAR_FIXED)
+            = SIGMA·exp(½·v)                               (VAR_LOG: the model's extra channels are log σ²)
+            = SIGMA·exp(½·(f·LOG_HI + (1−f)·LOG_LO)), f = (v+1)/2   (VAR_RANGE)
+            = SIGMA·√v                                     (VAR_LINEAR: extra channels are σ², diffusers "learned")
+
+where ``out`` is the raw model output (ε, x₀ or v). For learned variances SIGMA is the 0/1 noise switch. When x̂₀ is
+not clipped, C0 is folded into C1 and C2 on the host (C0 = 0), so the step never goes through the amplified x̂₀
+(1/√ᾱ_t is ~157 at t = 999 of the linear schedule): better fp32 accuracy for free. A new sampler is a new table.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .reference import PREDICTION_TYPES, VARIANCE_TYPES
+from .schedule import Schedule
+
+__all__ = ["NCOL", "COL", "VAR_MODES", "x0_coefficients", "eps_coefficients", "ddpm_table", "ddim_table",
+           "finish_table", "device_table"]
+
+COL = dict(A=0, B=1, C0=2, C1=3, C2=4, SIGMA=5, LOG_LO=6, LOG_HI=7, CLIP=8, D=9)
+NCOL = 10
+VAR_FIXED, VAR_LOG, VAR_RANGE, VAR_LINEAR = 0, 1, 2, 3
+VAR_MODES = {"fixed_small": VAR_FIXED, "fixed_large": VAR_FIXED, "learned": VAR_LOG, "learned_range": VAR_RANGE}
+
+
+def x0_coefficients(schedule: Schedule, prediction_type: str):
+    """(A, B) with x̂₀ = A·x_t + B·out, float64 [T]."""
+    s = schedule
+    if prediction_type == "epsilon":
+        return s.sqrt_recip_alpha_bars, -s.sqrt_recipm1_alpha_bars
+    if prediction_type == "sample":
+        return torch.zeros_like(s.betas), torch.ones_like(s.betas)
+    if prediction_type == "v_prediction":
+        return s.sqrt_alpha_bars, -s.sqrt_one_minus_alpha_bars
+    raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+
+
+def eps_coefficients(schedule: Schedule, prediction_type: str):
+    """(E_x, E_o) with ε̂ = E_x·x_t + E_o·out from the raw output, float64 [T]."""
+    s = schedule
+    if prediction_type == "epsilon":
+        return torch.zeros_like(s.betas), torch.ones_like(s.betas)
+    if prediction_type == "sample":
+        r = 1.0 / s.sqrt_one_minus_alpha_bars
+        return r, -s.sqrt_alpha_bars * r
+    if prediction_type == "v_prediction":
+        return s.sqrt_one_minus_alpha_bars, s.sqrt_alpha_bars
+    raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+
+
+def finish_table(A, B, C0, C1, C2, sigma, *, clip: bool, clip_range: float = 1.0, log_lo=None, log_hi=None,
+                 D=None):
+    """Stack the columns into a float64 [T, NCOL] table; fold C0 into C1/C2 when x̂₀ is not clipped."""
+    if not clip:
+        C1, C2, C0 = C1 + C0 * A, C2 + C0 * B, torch.zeros_like(C0)
+    zeros = torch.zeros_like(A)
+    cols = [A, B, C0, C1, C2, sigma, zeros if log_lo is None else log_lo, zeros if log_hi is None else log_hi,
+            torch.full_like(A, float(clip_range)), zeros if D is None else D]
+    return torch.stack([c.to(torch.float64) for c in cols], dim=1)
+
+
+def ddpm_table(schedule: Schedule, prediction_type="epsilon", variance_type="fixed_small", clip=False,
+               clip_range=1.0):
+    """Ancestral DDPM: x_{t−1} = μ̃_t(x_t, x̂₀) + σ_t z; no noise at t = 0 (SIGMA = 0 there)."""
+    s = schedule
+    A, B = x0_coefficients(s, prediction_type)
+    nonzero = (torch.arange(s.num_timesteps) > 0).to(torch.float64)
+    if variance_type == "fixed_small":
+        sigma = torch.exp(0.5 * s.posterior_log_variance_clipped) * nonzero
+    elif variance_type == "fixed_large":
+        first = s.posterior_variance[1:2] if s.num_timesteps > 1 else s.betas[:1]
+        sigma = torch.sqrt(torch.cat([first, s.betas[1:]])) * nonzero
+    elif variance_type in ("learned", "learned_range"):
+        sigma = nonzero
+    else:
+        raise ValueError(f"variance_type must be one of {VARIANCE_TYPES}, got {variance_type!r}")
+    return finish_table(A, B, s.posterior_mean_coef1, s.posterior_mean_coef2, torch.zeros_like(A), sigma,
+                        clip=clip, clip_range=clip_range, log_lo=s.posterior_log_variance_clipped,
+                        log_hi=s.log_betas)
+
+
+def ddim_table(schedule: Schedule, prediction_type="epsilon", eta=0.0, clip=False, clip_range=1.0,
+               use_clipped_model_output=False):
+    """DDIM(η): x_{t−1} = √ᾱ_{t−1} x̂₀ + √(1 − ᾱ_{t−1} − σ²) ε̂ + σ z, σ = η √((1−ᾱ_{t−1})/(1−ᾱ_t)) √(1 − ᾱ_t/ᾱ_{t−1}).
+    ε̂ is linear in (x_t, out) — or in (x_t, x̂₀) when re-derived from the clipped x̂₀ — so it folds into C0..C2."""
+    s = schedule
+    A, B = x0_coefficients(s, prediction_type)
+    ab, ab_prev = s.alpha_bars, s.alpha_bars_prev
+    sigma = eta * torch.sqrt((1 - ab_prev) / (1 - ab)) * torch.sqrt(1 - ab / ab_prev)
+    d2 = 1 - ab_prev - sigma**2
+    if (d2 < -1e-12).any():
+        raise ValueError(f"eta={eta} makes 1 − ᾱ_prev − σ² negative (DDIM needs 0 <= eta <= 1 here)")
+    d = torch.sqrt(d2.clamp_min(0))
+    if clip and use_clipped_model_output:
+        r = 1.0 / s.sqrt_one_minus_alpha_bars            # ε̂ = (x − √ᾱ x̂₀)/√(1 − ᾱ)
+        C0, C1, C2 = s.sqrt_alpha_bars_prev - d * s.sqrt_alpha_bars * r, d * r, torch.zeros_like(A)
+    else:
+        Ex, Eo = eps_coefficients(s, prediction_type)
+        C0, C1, C2 = s.sqrt_alpha_bars_prev, d * Ex, d * Eo
+    return finish_table(A, B, C0, C1, C2, sigma, clip=clip, clip_range=clip_range)
+
+
+def device_table(schedule: Schedule, key: tuple, build, device) -> torch.Tensor:
+    """``build()`` (float64 [T, NCOL]) as a contiguous float32 table on ``device``, cached on the schedule."""
+    return schedule.cached(("table",) + key, device, lambda: build().to(torch.float32).contiguous())

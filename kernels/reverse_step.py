@@ -1,0 +1,245 @@
+"""The fused reverse step: one Triton kernel, one memory pass.
+
+Every tensor is seen as ``[B, N]``: a batch stride and N contiguous elements per sample (a plain tensor, a batch
+slice, or the ε-half of a ``[B, 2C, ...]`` learned-variance output all qualify without a copy). Each program owns a
+tile of ``SAMPLES × BLOCK_N`` elements (``SAMPLES > 1`` packs several small samples into one program) and gathers
+its samples' coefficient rows from the float32 table by their step t, read from device memory: nothing per-step is
+a Python scalar, so a captured CUDA graph replays correctly at every step, and nothing is ``tl.constexpr`` but the
+shape of the work (no recompiles across steps).
+
+Per element (see ``fastrev.tables`` for the table's columns)::
+
+    x̂₀      = A·x + B·out                  → clip (±CLIP) or dynamic threshold (per-sample s, from a pre-pass)
+    x_{t−1} = C0·x̂₀ + C1·x + C2·out (+ D·base) + σ·z   σ fixed or per element from the learned-variance channels
+    z       = the caller's noise, or Philox4x32-10(seed; e//4, i, k, 0) through Box–Muller — fastrev.noise's stream,
+              with k the per-sample noise step (the table row t unless the caller gives another)
+
+``base`` is an optional third state tensor (Heun's second stage averages two states); it costs one more read.
+
+Bytes moved per element, float32 storage (the minimum for the step):
+    read x (4) + read out (4) + write x_{t−1} (4) + write x̂₀ (4)           = 16 B   (12 B without x̂₀)
+    + 4 B to read external noise, + 4 B to read learned-variance channels; the table, t and s are O(B) bytes.
+    bfloat16 / float16 storage halve every term; the math is float32.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["reverse_step", "launch_reverse_step", "INTERPRET", "CLIP_NONE", "CLIP_RANGE", "CLIP_THRESHOLD",
+           "NOISE_NONE", "NOISE_TENSOR", "NOISE_PHILOX"]
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+CLIP_NONE, CLIP_RANGE, CLIP_THRESHOLD = 0, 1, 2
+NOISE_NONE, NOISE_TENSOR, NOISE_PHILOX = 0, 1, 2
+# table columns (fastrev.tables.COL)
+_A, _B, _C0, _C1, _C2, _SIGMA, _LOG_LO, _LOG_HI, _CLIP, _D = range(10)
+
+
+# ------------------------------------------------------------------------------------------------ device functions
+@triton.jit
+def _uniform(w):
+    """uint32 words [S, Q] → float32 uniforms in [0, 1), as ``tl.random.uint_to_uniform_float``."""
+    x = w.to(tl.int32, bitcast=True)
+    x = tl.where(x < 0, ~x, x)
+    return x.to(tl.float32) * 4.6566127342e-10
+
+
+@triton.jit
+def _box_muller(u1, u2):
+    """Two float32 uniform tiles [S, Q] → two standard-normal tiles [S, Q] (``tl.random.pair_uniform_to_normal``)."""
+    u1 = tl.maximum(1.0e-7, u1)
+    th = 6.283185307179586 * u2
+    r = tl.sqrt(-2.0 * tl.log(u1))
+    return r * tl.cos(th), r * tl.sin(th)
+
+
+@triton.jit
+def _counter_normals(seed, group, sample, step, SAMPLES: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The counter stream of ``fastrev.noise`` for a tile.
+
+    seed: int64 scalar (the Philox key); group: [BLOCK_N // 4] element groups e // 4; sample: [SAMPLES] global sample
+    indices i; step: [SAMPLES] steps t. Returns float32 [SAMPLES, BLOCK_N]: element 4g + k is word k of
+    Philox(seed; g, i, t, 0) through Box–Muller — all four words of every Philox call are used.
+    """
+    Q: tl.constexpr = BLOCK_N // 4
+    zero = tl.zeros([SAMPLES, Q], dtype=tl.uint32)
+    c0 = group.to(tl.uint32)[None, :] + zero
+    c1 = sample.to(tl.uint32)[:, None] + zero
+    c2 = step.to(tl.uint32)[:, None] + zero
+    w0, w1, w2, w3 = tl.philox(seed, c0, c1, c2, zero)
+    n0, n1 = _box_muller(_uniform(w0), _uniform(w1))
+    n2, n3 = _box_muller(_uniform(w2), _uniform(w3))
+    # interleave so that element 4g + k holds n_k: join → [S, Q, 2, 2] with [.., i, j] = n_{2i+j}
+    z = tl.join(tl.join(n0, n2), tl.join(n1, n3))
+    return tl.reshape(z, [SAMPLES, BLOCK_N])
+
+
+# ------------------------------------------------------------------------------------------------ the kernel
+@triton.jit(do_not_specialize=["sample_offset"])
+def _reverse_step_kernel(
+    x_ptr, out_ptr, var_ptr, noise_ptr, base_ptr,       # inputs [B, N]: x_t, model output, variance channels, z, base
+    thresh_ptr, table_ptr, t_ptr, step_ptr, seed_ptr,    # float32 [B]; float32 [T, NCOL]; int64 [B]; int64 [B]; int64 [1]
+    prev_ptr, x0_ptr,                                    # outputs [B, N]
+    B, N, sample_offset,
+    stride_x, stride_out, stride_var, stride_noise, stride_base, stride_prev, stride_x0, table_stride,
+    CLIP_MODE: tl.constexpr, VAR_MODE: tl.constexpr, NOISE_MODE: tl.constexpr, WRITE_X0: tl.constexpr,
+    HAS_BASE: tl.constexpr,
+    SAMPLES: tl.constexpr, BLOCK_N: tl.constexpr, INT64: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    if INT64:
+        pid = pid.to(tl.int64)
+    blocks_n = tl.cdiv(N, BLOCK_N)
+    pid_b = pid // blocks_n
+    pid_n = pid % blocks_n
+    rows = pid_b * SAMPLES + tl.arange(0, SAMPLES)          # [S] samples of this tile
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)          # [BN] elements within each sample
+    row_ok = rows < B
+    mask = row_ok[:, None] & (cols < N)[None, :]
+
+    # per-sample step and coefficient row (tiny gathers, cached)
+    t = tl.load(t_ptr + rows, mask=row_ok, other=0)
+    coef = table_ptr + t * table_stride
+    a = tl.load(coef + _A, mask=row_ok, other=0.0)[:, None]
+    b = tl.load(coef + _B, mask=row_ok, other=0.0)[:, None]
+    c0 = tl.load(coef + _C0, mask=row_ok, other=0.0)[:, None]
+    c1 = tl.load(coef + _C1, mask=row_ok, other=0.0)[:, None]
+    c2 = tl.load(coef + _C2, mask=row_ok, other=0.0)[:, None]
+    sig = tl.load(coef + _SIGMA, mask=row_ok, other=0.0)[:, None]
+
+    x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    o = tl.load(out_ptr + rows[:, None] * stride_out + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+
+    x0 = a * x + b * o
+    if CLIP_MODE == 1:
+        r = tl.load(coef + _CLIP, mask=row_ok, other=1.0)[:, None]
+        x0 = tl.clamp(x0, -r, r, propagate_nan=tl.PropagateNan.ALL)
+    elif CLIP_MODE == 2:
+        s = tl.load(thresh_ptr + rows, mask=row_ok, other=1.0)[:, None]
+        x0 = tl.clamp(x0, -s, s, propagate_nan=tl.PropagateNan.ALL) / s
+    prev = c0 * x0 + c1 * x + c2 * o
+    if HAS_BASE:
+        d = tl.load(coef + _D, mask=row_ok, other=0.0)[:, None]
+        base = tl.load(base_ptr + rows[:, None] * stride_base + cols[None, :], mask=mask, other=0.0)
+        prev += d * base.to(tl.float32)
+
+    if NOISE_MODE != 0:
+        if VAR_MODE == 0:
+            sigma = sig
+        else:
+            v = tl.load(var_ptr + rows[:, None] * stride_var + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            if VAR_MODE == 1:
+                sigma = sig * tl.exp(0.5 * v)
+            elif VAR_MODE == 2:
+                lo = tl.load(coef + _LOG_LO, mask=row_ok, other=0.0)[:, None]
+                hi = tl.load(coef + _LOG_HI, mask=row_ok, other=0.0)[:, None]
+                frac = (v + 1.0) * 0.5
+                sigma = sig * tl.exp(0.5 * (frac * hi + (1.0 - frac) * lo))
+            else:
+                sigma = sig * tl.sqrt(v)
+        if NOISE_MODE == 1:
+            z = tl.load(noise_ptr + rows[:, None] * stride_noise + cols[None, :], mask=mask, other=0.0)
+            z = z.to(tl.float32)
+        else:
+            seed = tl.load(seed_ptr)
+            group = pid_n * (BLOCK_N // 4) + tl.arange(0, BLOCK_N // 4)
+            step = tl.load(step_ptr + rows, mask=row_ok, other=0)
+            z = _counter_normals(seed, group, rows + sample_offset, step, SAMPLES, BLOCK_N)
+        # where σ = 0 (no noise at this step) z contributes exactly nothing, even if z were inf
+        prev = tl.where(sigma != 0.0, prev + sigma * z, prev)
+
+    tl.store(prev_ptr + rows[:, None] * stride_prev + cols[None, :], prev.to(prev_ptr.dtype.element_ty), mask=mask)
+    if WRITE_X0:
+        tl.store(x0_ptr + rows[:, None] * stride_x0 + cols[None, :], x0.to(x0_ptr.dtype.element_ty), mask=mask)
+
+
+# ------------------------------------------------------------------------------------------------ launcher
+_TILE = 1024          # elements per program
+_NUM_WARPS = 4
+
+
+def _tile(n: int):
+    """(SAMPLES, BLOCK_N) for N elements per sample: one sample per program once N fills a tile."""
+    block_n = max(4, min(_TILE, triton.next_power_of_2(max(n, 1))))
+    return max(1, _TILE // block_n), block_n
+
+
+def _span(t: torch.Tensor | None, B: int, N: int) -> int:
+    """Largest element offset a [B, N] view of ``t`` can touch (+1)."""
+    if t is None or B == 0:
+        return 0
+    return (B - 1) * abs(t.stride(0)) + N
+
+
+def _batch_stride(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.stride(0)
+
+
+def _launch(kernel, x, out, var, noise, base, thresh, table, t, step, seed, prev, x0, sample_offset: int,
+            clip_mode: int, var_mode: int, noise_mode: int, force_int64: bool = False) -> None:
+    B = x.shape[0]
+    N = x[0].numel() if B else 0
+    if B == 0 or N == 0:
+        return
+    samples, block_n = _tile(N)
+    # int64 offsets only when some tensor's [B, N] view reaches past 2^31 elements (chosen here, on the host)
+    span = max(_span(a, B, N) for a in (x, out, var, noise, base, prev, x0))
+    int64 = bool(force_int64) or span >= 2**31 - 1 or B >= 2**31 - 1
+    grid = (triton.cdiv(B, samples) * triton.cdiv(N, block_n),)
+    kernel[grid](
+        x, out, var if var is not None else x, noise if noise is not None else x, base if base is not None else x,
+        thresh if thresh is not None else x, table, t, step if step is not None else t,
+        seed if seed is not None else t, prev, x0 if x0 is not None else prev,
+        B, N, sample_offset,
+        x.stride(0), out.stride(0), _batch_stride(var), _batch_stride(noise), _batch_stride(base), prev.stride(0),
+        _batch_stride(x0), table.stride(0),
+        CLIP_MODE=clip_mode, VAR_MODE=var_mode, NOISE_MODE=noise_mode, WRITE_X0=x0 is not None,
+        HAS_BASE=base is not None, SAMPLES=samples, BLOCK_N=block_n, INT64=int64, num_warps=_NUM_WARPS,
+    )
+
+
+def launch_reverse_step(x, out, var, noise, base, thresh, table, t, step, seed, prev, x0, sample_offset: int,
+                        clip_mode: int, var_mode: int, noise_mode: int, force_int64: bool = False) -> None:
+    """Launch the kernel directly (no torch.library op). Every [B, ...] tensor must be contiguous within each
+    sample (any batch stride); ``table`` float32 [T, NCOL] contiguous; ``t`` int64 [B] contiguous (table rows);
+    ``step`` int64 [B] noise steps (None: ``t``); ``seed`` int64 [1] (read iff noise_mode is NOISE_PHILOX);
+    ``var``/``noise``/``base``/``thresh``/``x0`` may be None. Writes ``prev`` (and ``x0``)."""
+    _launch(_reverse_step_kernel, x, out, var, noise, base, thresh, table, t, step, seed, prev, x0,
+            int(sample_offset), clip_mode, var_mode, noise_mode, force_int64)
+
+
+def reverse_step(x, out, var, noise, base, thresh, table, t, step, seed, prev, x0, sample_offset: int,
+                 clip_mode: int, var_mode: int, noise_mode: int, force_int64: bool = False) -> None:
+    """The registered op ``fastrev::reverse_step`` (mutates ``prev`` and ``x0``); arguments as
+    :func:`launch_reverse_step`."""
+    return _op(x, out, var, noise, base, thresh, table, t, step, seed, prev, x0, int(sample_offset), clip_mode,
+               var_mode, noise_mode, bool(force_int64))
+
+
+def _register():
+    """Register through ``torch.library.triton_op`` so torch.compile'd code calls the kernel without a graph
+    break (the compiler sees the Triton kernel itself)."""
+    triton_op = getattr(torch.library, "triton_op", None)
+    wrap = getattr(torch.library, "wrap_triton", None)
+    if triton_op is None or wrap is None:  # pragma: no cover - torch < 2.6
+        return launch_reverse_step
+
+    @triton_op("fastrev::reverse_step", mutates_args={"prev", "x0"})
+    def _reverse_step_op(x: torch.Tensor, out: torch.Tensor, var: torch.Tensor | None, noise: torch.Tensor | None,
+                         base: torch.Tensor | None, thresh: torch.Tensor | None, table: torch.Tensor,
+                         t: torch.Tensor, step: torch.Tensor | None, seed: torch.Tensor | None, prev: torch.Tensor,
+                         x0: torch.Tensor | None, sample_offset: int, clip_mode: int, var_mode: int,
+                         noise_mode: int, force_int64: bool) -> None:
+        _launch(wrap(_reverse_step_kernel), x, out, var, noise, base, thresh, table, t, step, seed, prev, x0,
+                sample_offset, clip_mode, var_mode, noise_mode, force_int64)
+
+    return _reverse_step_op
+
+
+_op = _register()
