@@ -143,8 +143,8 @@ def _step(kind, model_output, timestep, sample, schedule, *, prediction_type, va
     if kind == "ddim":
         if isinstance(eta, bool) or not isinstance(eta, (int, float)):
             raise TypeError(f"eta must be a number, got {type(eta).__name__}")
-        if not eta >= 0:
-            raise ValueError(f"eta must be >= 0, got {eta}")
+        if not 0 <= eta <= 1:
+            raise ValueError(f"eta must be in [0, 1] (DDIM needs 1 − ᾱ_prev − σ² >= 0), got {eta}")
     if isinstance(sample_offset, bool) or not isinstance(sample_offset, int) or sample_offset < 0:
         raise ValueError(f"sample_offset must be an int >= 0, got {sample_offset!r}")
     if noise is not None:
