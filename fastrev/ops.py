@@ -259,14 +259,19 @@ def fused_step(table, t, sample, model_output, *, learned=False, variance_type="
     if out is not None and _per_sample_contiguous(out):
         prev = out
     else:
-        prev = torch.empty_like(sample, memory_format=torch.contiguous_format)
-    x0 = torch.empty_like(sample, memory_format=torch.contiguous_format) if return_x0 else None
+        prev = _alloc(sample)
+    x0 = _alloc(sample) if return_x0 else None
     K.reverse_step(x, eps_part, var_part, z, None if base is None else _flat_view(base), thresh, table, t, step,
                    seed, prev, x0, sample_offset, clip_mode, var_mode, noise_mode)
     if out is not None and prev is not out:
         out.copy_(prev)
         prev = out
     return StepOutput(prev, x0)
+
+
+def _alloc(like: torch.Tensor) -> torch.Tensor:
+    """Output buffers of the kernel (tests replace this to poison them with NaN before the launch)."""
+    return torch.empty_like(like, memory_format=torch.contiguous_format)
 
 
 def _threshold_scale(table, t, x, out, ratio, max_value):
