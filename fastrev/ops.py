@@ -21,7 +21,8 @@ from . import reference as R
 from . import tables as T
 from .schedule import Schedule
 
-__all__ = ["StepOutput", "ddpm_step", "ddim_step", "BACKENDS", "resolve_timestep", "draw_seed"]
+__all__ = ["StepOutput", "ddpm_step", "ddim_step", "BACKENDS", "resolve_timestep", "draw_seed", "fused_step",
+           "set_device_checks"]
 
 BACKENDS = ("auto", "reference", "torch", "triton")
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -53,9 +54,21 @@ def _check_positive(name, v):
         raise ValueError(f"{name} must be > 0, got {v}")
 
 
+_CHECK_DEVICE_TIMESTEPS = False
+
+
+def set_device_checks(enabled: bool = True) -> bool:
+    """Opt in (or out) of validating timesteps that live on an accelerator. Off by default: the check reads the
+    values back to the host (a synchronisation), which a sync-free / CUDA-graph step must not do. Python ints and
+    CPU tensors are always checked. Returns the previous setting."""
+    global _CHECK_DEVICE_TIMESTEPS
+    prev, _CHECK_DEVICE_TIMESTEPS = _CHECK_DEVICE_TIMESTEPS, bool(enabled)
+    return prev
+
+
 def resolve_timestep(timestep, B: int, num_timesteps: int, device) -> torch.Tensor:
     """``timestep`` (int, 0-dim or [B] int tensor) → int64 [B] on ``device``. Range-checked on the host when it is
-    a Python int or a CPU tensor; a device tensor is used as is (no host sync)."""
+    a Python int or a CPU tensor; a device tensor is used as is (no host sync) unless :func:`set_device_checks`."""
     if isinstance(timestep, bool):
         raise TypeError("timestep must be an int or an integer tensor, got bool")
     if isinstance(timestep, int):
@@ -75,12 +88,22 @@ def resolve_timestep(timestep, B: int, num_timesteps: int, device) -> torch.Tens
     if timestep.dim() > 1 or (timestep.dim() == 1 and timestep.shape[0] not in (1, B)):
         raise ValueError(f"timestep must be a scalar or have shape [{B}] (one step per sample), "
                          f"got shape {tuple(timestep.shape)}")
-    if timestep.device.type == "cpu" and timestep.numel():
+    if (timestep.device.type == "cpu" or _CHECK_DEVICE_TIMESTEPS) and timestep.numel():
         lo, hi = int(timestep.min()), int(timestep.max())
         if lo < 0 or hi >= num_timesteps:
             raise ValueError(f"timestep must be in [0, {num_timesteps}), got values in [{lo}, {hi}]")
     t = timestep.to(device=device, dtype=torch.int64, non_blocking=True)
     return t.reshape(-1).expand(B).contiguous() if t.numel() != B or t.dim() != 1 else t.contiguous()
+
+
+def _check_not_terminal(timestep, t, last):
+    """Zero-terminal-SNR schedules have ᾱ = 0 at the last step, where x̂₀ = (x − ε)/√ᾱ is undefined for
+    ε-prediction (checked where the timestep is known on the host, or with device checks on)."""
+    host = isinstance(timestep, int) or (isinstance(timestep, torch.Tensor) and timestep.device.type == "cpu")
+    if (host or _CHECK_DEVICE_TIMESTEPS) and t.numel() and bool((t == last).any()):
+        raise ValueError(f"prediction_type='epsilon' is undefined at timestep {last}: this schedule has zero terminal "
+                         "SNR (ᾱ = 0 there, x̂₀ = (x − √(1−ᾱ) ε)/√ᾱ divides by 0); use 'v_prediction' or 'sample', "
+                         "or start sampling one step later")
 
 
 def draw_seed(generator: torch.Generator | None, device) -> torch.Tensor:
@@ -165,6 +188,8 @@ def _step(kind, model_output, timestep, sample, schedule, *, prediction_type, va
     B = sample.shape[0]
     device = sample.device
     t = resolve_timestep(timestep, B, schedule.num_timesteps, device)
+    if prediction_type == "epsilon" and float(schedule.alpha_bars[-1]) == 0.0:
+        _check_not_terminal(timestep, t, schedule.num_timesteps - 1)
     stochastic = kind == "ddpm" or eta > 0
     clip = bool(thresholding or clip_sample)
 
