@@ -325,3 +325,9 @@ def test_more_than_2_31_elements_bf16():
                          backend="reference").prev_sample
         torch.testing.assert_close(got[b:b + 1, cols].double(), full[:, cols], rtol=1e-2, atol=2e-2)
         del full
+
+
+def test_kernel_columns_match_tables():
+    names = ["A", "B", "C0", "C1", "C2", "SIGMA", "LOG_LO", "LOG_HI", "CLIP", "D"]
+    assert [getattr(K, "_" + n) for n in names] == [tables.COL[n] for n in names]
+    assert tables.NCOL == len(names)
