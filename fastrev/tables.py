@@ -94,7 +94,8 @@ def ddim_table(schedule: Schedule, prediction_type="epsilon", eta=0.0, clip=Fals
     s = schedule
     A, B = x0_coefficients(s, prediction_type)
     ab, ab_prev = s.alpha_bars, s.alpha_bars_prev
-    sigma = eta * torch.sqrt((1 - ab_prev) / (1 - ab)) * torch.sqrt(1 - ab / ab_prev)
+    # 1 − ᾱ_t/ᾱ_{t−1} is β_t: take the schedule's β (no cancellation at short strides)
+    sigma = eta * torch.sqrt((1 - ab_prev) / (1 - ab)) * torch.sqrt(s.betas)
     d2 = 1 - ab_prev - sigma**2
     if (d2 < -1e-12).any():
         raise ValueError(f"eta={eta} makes 1 − ᾱ_prev − σ² negative (DDIM needs 0 <= eta <= 1 here)")
