@@ -87,7 +87,6 @@ import torch  # noqa: E402
 
 from . import noise as _noise  # noqa: E402
 from . import ops as _ops  # noqa: E402
-from . import reference as _R  # noqa: E402
 from . import tables as _T  # noqa: E402
 from .schedule import Schedule, spaced_timesteps  # noqa: E402
 
@@ -178,40 +177,6 @@ def ddim_rows(s: Schedule, prediction_type: str, eta: float, clip: bool, clip_ra
 
 
 # ------------------------------------------------------------------------------------------------ torch update
-def _torch_table_step(table, t, x, out, var, z, *, clip, thresholding, ratio, max_value, var_mode):
-    """The fused kernel's update in eager torch, float64, from the same (float64) table: returns (x_{t−1}, x̂₀)."""
-    B = x.shape[0]
-    shape = (B,) + (1,) * (x.dim() - 1)
-    c = table.index_select(0, t)
-
-    def col(name):
-        return c[:, _T.COL[name]].reshape(shape)
-
-    xd, od = x.to(_F64), out.to(_F64)
-    x0 = col("A") * xd + col("B") * od
-    if thresholding:
-        x0 = _R.dynamic_threshold(x0, ratio, max_value)
-    elif clip:
-        r = col("CLIP")
-        x0 = torch.maximum(torch.minimum(x0, r), -r)        # NaN-propagating, like the kernel's clamp
-    prev = col("C0") * x0 + col("C1") * xd + col("C2") * od
-    if z is not None:
-        sig = col("SIGMA")
-        if var_mode == _T.VAR_FIXED:
-            sigma = sig
-        else:
-            v = var.to(_F64)
-            if var_mode == _T.VAR_LOG:
-                sigma = sig * torch.exp(0.5 * v)
-            elif var_mode == _T.VAR_RANGE:
-                frac = (v + 1.0) * 0.5
-                sigma = sig * torch.exp(0.5 * (frac * col("LOG_HI") + (1.0 - frac) * col("LOG_LO")))
-            else:
-                sigma = sig * torch.sqrt(v)
-        prev = torch.where(sigma != 0, prev + sigma * z.to(_F64), prev)
-    return prev, x0
-
-
 # ------------------------------------------------------------------------------------------------ shared machinery
 class _FastSchedulerBase:
     """The part FastDDPMScheduler and FastDDIMScheduler share: chain, tables, noise, backend, the step itself."""
@@ -464,10 +429,10 @@ class _FastSchedulerBase:
             table = self._table(key, device, _F64)
             if stochastic and z is None:
                 z = _noise.noise_like(sample, seed, t)
-            prev, x0 = _torch_table_step(table, t, sample, out_part, var_part, z if stochastic else None, clip=clip,
-                                         thresholding=bool(cfg.thresholding),
-                                         ratio=cfg.dynamic_thresholding_ratio, max_value=cfg.sample_max_value,
-                                         var_mode=var_mode)
+            prev, x0 = _T.apply_table(table, t, sample, out_part, var=var_part, z=z if stochastic else None,
+                                      clip=clip, thresholding=bool(cfg.thresholding),
+                                      ratio=cfg.dynamic_thresholding_ratio, max_value=cfg.sample_max_value,
+                                      var_mode=var_mode)
             prev, x0 = prev.to(sample.dtype), x0.to(sample.dtype)
         return prev, x0
 

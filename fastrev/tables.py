@@ -23,7 +23,7 @@ from .reference import PREDICTION_TYPES, VARIANCE_TYPES
 from .schedule import Schedule
 
 __all__ = ["NCOL", "COL", "VAR_MODES", "x0_coefficients", "eps_coefficients", "ddpm_table", "ddim_table",
-           "finish_table", "device_table"]
+           "finish_table", "device_table", "apply_table", "VAR_FIXED", "VAR_LOG", "VAR_RANGE", "VAR_LINEAR"]
 
 COL = dict(A=0, B=1, C0=2, C1=3, C2=4, SIGMA=5, LOG_LO=6, LOG_HI=7, CLIP=8, D=9)
 NCOL = 10
@@ -112,3 +112,48 @@ def ddim_table(schedule: Schedule, prediction_type="epsilon", eta=0.0, clip=Fals
 def device_table(schedule: Schedule, key: tuple, build, device) -> torch.Tensor:
     """``build()`` (float64 [T, NCOL]) as a contiguous float32 table on ``device``, cached on the schedule."""
     return schedule.cached(("table",) + key, device, lambda: build().to(torch.float32).contiguous())
+
+
+def apply_table(table, rows, x, out, *, var=None, z=None, base=None, clip=False, thresholding=False,
+                ratio=0.995, max_value=1.0, var_mode=VAR_FIXED):
+    """The fused kernel's update in eager torch, in float64, from a table: returns (x_{t−1}, x̂₀).
+
+    ``table``: [T, NCOL] (any float dtype, any device); ``rows``: int64 [B]; ``x``/``out``/``var``/``z``/``base``:
+    [B, ...] (``var`` the learned-variance channels, ``z`` the noise or None for no noise). Thresholding uses the
+    reference's ``dynamic_threshold``. This is what the samplers and the diffusers drop-in run off CUDA, and the
+    torch twin of ``kernels/reverse_step.py`` (tests hold the two to the float64 reference independently).
+    """
+    from .reference import dynamic_threshold
+
+    f64 = torch.float64
+    shape = (x.shape[0],) + (1,) * (x.dim() - 1)
+    c = table.index_select(0, rows).to(f64)
+
+    def col(name):
+        return c[:, COL[name]].reshape(shape)
+
+    xd, od = x.to(f64), out.to(f64)
+    x0 = col("A") * xd + col("B") * od
+    if thresholding:
+        x0 = dynamic_threshold(x0, ratio, max_value)
+    elif clip:
+        r = col("CLIP")
+        x0 = torch.maximum(torch.minimum(x0, r), -r)             # NaN-propagating, like the kernel's clamp
+    prev = col("C0") * x0 + col("C1") * xd + col("C2") * od
+    if base is not None:
+        prev = prev + col("D") * base.to(f64)
+    if z is not None:
+        sig = col("SIGMA")
+        if var_mode == VAR_FIXED:
+            sigma = sig
+        else:
+            v = var.to(f64)
+            if var_mode == VAR_LOG:
+                sigma = sig * torch.exp(0.5 * v)
+            elif var_mode == VAR_RANGE:
+                frac = (v + 1.0) * 0.5
+                sigma = sig * torch.exp(0.5 * (frac * col("LOG_HI") + (1.0 - frac) * col("LOG_LO")))
+            else:
+                sigma = sig * torch.sqrt(v)
+        prev = torch.where(sigma != 0, prev + sigma * z.to(f64), prev)
+    return prev, x0
