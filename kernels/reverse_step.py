@@ -38,7 +38,7 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 CLIP_NONE, CLIP_RANGE, CLIP_THRESHOLD = 0, 1, 2
 NOISE_NONE, NOISE_TENSOR, NOISE_PHILOX = 0, 1, 2
 # table columns (fastrev.tables.COL)
-_A, _B, _C0, _C1, _C2, _SIGMA, _LOG_LO, _LOG_HI, _CLIP, _D = range(10)
+_A, _B, _C0, _C1, _C2, _SIGMA, _LOG_LO, _LOG_HI, _CLIP, _D = (tl.constexpr(i) for i in range(10))
 
 
 # ------------------------------------------------------------------------------------------------ device functions

@@ -329,5 +329,5 @@ def test_more_than_2_31_elements_bf16():
 
 def test_kernel_columns_match_tables():
     names = ["A", "B", "C0", "C1", "C2", "SIGMA", "LOG_LO", "LOG_HI", "CLIP", "D"]
-    assert [getattr(K, "_" + n) for n in names] == [tables.COL[n] for n in names]
+    assert [getattr(K, "_" + n).value for n in names] == [tables.COL[n] for n in names]
     assert tables.NCOL == len(names)
