@@ -61,13 +61,13 @@ def uniform_from_words(w: torch.Tensor) -> torch.Tensor:
     """uint32 words → float32 in [0, 1), exactly as Triton's ``uint_to_uniform_float``."""
     x = torch.where(w >= 2**31, w - 2**32, w)      # bitcast to int32
     x = torch.where(x < 0, -x - 1, x)               # ~x
-    return x.to(torch.float32) * torch.tensor(_UNIFORM_SCALE, dtype=torch.float32, device=w.device)
+    return x.to(torch.float32) * _UNIFORM_SCALE          # a Python scalar: multiplied in float32, no H2D copy
 
 
 def box_muller(u1: torch.Tensor, u2: torch.Tensor):
     """Two float32 uniforms → two float32 normals (Triton's ``pair_uniform_to_normal``)."""
     u1 = torch.clamp_min(u1, 1.0e-7)
-    th = torch.tensor(_TWO_PI, dtype=torch.float32, device=u1.device) * u2
+    th = _TWO_PI * u2
     r = torch.sqrt(-2.0 * torch.log(u1))
     return r * torch.cos(th), r * torch.sin(th)
 

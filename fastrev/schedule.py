@@ -262,7 +262,8 @@ def spaced_timesteps(num_train_timesteps: int, n: int | None, spacing: str = "le
         elif spacing == "leading":
             ts = (np.arange(0, n) * (N // n)).round().astype(np.int64) + int(steps_offset)
         else:
-            ts = np.round(np.arange(N, 0, -N / n)).astype(np.int64)[::-1] - 1
+            # diffusers: round(arange(N, 0, −N/n)) − 1, built as exactly n points (arange's float stop can add one)
+            ts = (np.round(N - np.arange(n) * (N / n)).astype(np.int64) - 1)[::-1]
         ts = np.sort(ts)
         if (np.diff(ts) <= 0).any() or ts[0] < 0 or ts[-1] >= N:
             raise ValueError(f"spacing {spacing!r} with n={n}, steps_offset={steps_offset} gives repeated or "

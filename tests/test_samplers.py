@@ -1,0 +1,565 @@
+"""fastrev.sample: every method recovers a Gaussian mixture whose exact ε-predictor is known, agrees with an
+independent step-by-step run of fastrev.reference, runs the same on the fused kernel (Triton interpreter on CPU), and
+never depends on the batch split.
+
+Quality thresholds. A perfect sampler returns i.i.d. draws of the data, so its sliced W1 distance to a fresh draw of
+the data has the distribution of the data-vs-data distance at the same sample size. We estimate that null
+distribution from 8 independent pairs of data draws and accept SW1(samples, data) <= mean + 4·sd (≈ 0.08 at
+n = 2000 for the 2-D demo mixture, whose data-vs-data distance is ≈ 0.03 ± 0.013). The samplers, respaced to 50
+steps, measure 0.037–0.051 here (discretisation bias included); every sign error tried fails it: the negated score
+blows up (SW1 > 600), a flipped −½βx drift gives 0.17 (sde) and 0.85 (ode), a flipped score in Heun's second stage
+63, a flipped score in the Langevin corrector alone 0.12 (test_sign_errors_fail).
+"""
+
+import math
+import statistics
+
+import pytest
+import torch
+
+import fastrev
+import fastrev.samplers as SM
+from fastrev import noise, ops
+from fastrev import reference as R
+from fastrev import tables as T
+from fastrev.models import GaussianMixture, sliced_wasserstein
+from fastrev.samplers import METHODS, _sample_range, noise_keys, sample
+from fastrev.schedule import Schedule
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """These tests run many small ops: on a 2-core machine shared with other work, torch's intra-op threads cost
+    more than they bring (3-6x slower). One thread for this module, restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+N_Q = 2000          # samples for the quality checks
+STEPS_Q = 50
+
+
+def _assert_close(a, b, rtol=1e-7, atol=1e-7):
+    """|a − b| <= atol + rtol·|b| elementwise (torch.testing.assert_close costs a 2 s import on first use)."""
+    assert a.shape == b.shape and a.dtype == b.dtype, (a.shape, b.shape, a.dtype, b.dtype)
+    err = (a - b).abs()
+    bad = err > atol + rtol * b.abs()
+    assert not bad.any(), f"max abs error {err.max().item():.3e} (rtol {rtol}, atol {atol})"
+
+
+def _gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def _fresh():
+    """A new schedule and model (the samplers cache tables per schedule: tests that swap a table builder need one)."""
+    s = Schedule.linear()
+    return s, GaussianMixture.demo_2d(s)
+
+
+@pytest.fixture(scope="module")
+def quality():
+    s, g = _fresh()
+    data = g.sample(N_Q, _gen(1))
+    dd = [sliced_wasserstein(g.sample(N_Q, _gen(100 + j)), g.sample(N_Q, _gen(200 + j))) for j in range(8)]
+    thr = statistics.mean(dd) + 4 * statistics.stdev(dd)
+    assert 0.05 < thr < 0.12          # the null distribution is what the docstring says
+    return dict(schedule=s, model=g, data=data, dd=statistics.mean(dd), thr=thr)
+
+
+def _sw(x, data):
+    return sliced_wasserstein(x, data) if torch.isfinite(x).all() else math.inf
+
+
+# ------------------------------------------------------------------------------------------------ quality
+@pytest.mark.parametrize("method", METHODS)
+def test_recovers_the_mixture(quality, method):
+    x = sample(quality["model"], (N_Q, 2), quality["schedule"], method=method, num_steps=STEPS_Q, seed=0)
+    assert x.shape == (N_Q, 2) and x.dtype == torch.float32
+    sw = _sw(x, quality["data"])
+    assert sw <= quality["thr"], f"{method}: SW1 {sw:.4f} > threshold {quality['thr']:.4f} (data vs data " \
+                                 f"{quality['dd']:.4f})"
+
+
+@pytest.mark.parametrize("kw", [dict(method="ode", ode_solver="euler"),
+                                dict(method="ddpm", variance_type="fixed_large")])
+def test_recovers_the_mixture_variants(quality, kw):
+    x = sample(quality["model"], (N_Q, 2), quality["schedule"], num_steps=STEPS_Q, seed=1, **kw)
+    assert _sw(x, quality["data"]) <= quality["thr"]
+
+
+def _flip_c1(builder, amount):
+    """A table builder with a sign error in the −½β x drift term: C1 − amount(S, k) (flips +½βdt to −½βdt)."""
+    def bad(S, k, Rs, pt="epsilon", clip=False):
+        tab = builder(S, k, Rs, pt, clip)
+        tab[:, T.COL["C1"]] -= amount(S, k)
+        return tab
+    return bad
+
+
+def _bdt(S, k):
+    b, dt = SM._beta_dt(S, k)
+    return b * dt
+
+
+def _heun_bdt(S, k):
+    b, dt = SM._beta_dt(S, k)
+    at = (torch.arange(len(k)) - 1).clamp_min(0)
+    out = 0.5 * b[at] * dt
+    out[0] = 0.0
+    return out
+
+
+@pytest.mark.parametrize("case", ["negated-" + m for m in METHODS] +
+                         ["sde-drift", "ode-drift", "heun-stage2-score", "pc-corrector-score"])
+def test_sign_errors_fail(quality, monkeypatch, case):
+    """A sampler with a sign error must fail the quality threshold (so the threshold can catch one)."""
+    s, g = _fresh()
+    model, kw = g, {}
+    steps = STEPS_Q
+    if case.startswith("negated-"):                         # the score's sign (ε → −ε): blows up within 10 steps
+        kw["method"] = case.split("-")[1]
+        model = lambda x, t: -g(x, t)  # noqa: E731
+        steps = 10
+    elif case == "sde-drift":
+        monkeypatch.setattr(SM, "sde_table", _flip_c1(SM.sde_table, _bdt))
+        kw["method"] = "sde"
+    elif case == "ode-drift":
+        monkeypatch.setattr(SM, "ode_euler_table", _flip_c1(SM.ode_euler_table, _bdt))
+        monkeypatch.setattr(SM, "ode_heun_table", _flip_c1(SM.ode_heun_table, _heun_bdt))
+        kw["method"] = "ode"
+    elif case == "heun-stage2-score":
+        orig = SM.ode_heun_table
+
+        def bad(S, k, Rs, pt="epsilon", clip=False):
+            tab = orig(S, k, Rs, pt, clip)
+            tab[1:, T.COL["C2"]] *= -1
+            return tab
+        monkeypatch.setattr(SM, "ode_heun_table", bad)
+        kw["method"] = "ode"
+    else:
+        orig = SM.pc_corrector_table
+
+        def bad(R_, pt="epsilon", clip=False, snr=0.16):
+            tab = orig(R_, pt, clip, snr)
+            tab[:, T.COL["C2"]] *= -1
+            return tab
+        monkeypatch.setattr(SM, "pc_corrector_table", bad)
+        kw["method"] = "pc"
+    x = sample(model, (N_Q, 2), s, num_steps=steps, seed=0, **kw)
+    assert _sw(x, quality["data"]) > quality["thr"]
+
+
+def test_per_sample_corrector_norms_are_biased_in_2d(quality):
+    """corrector_norms="sample" (score_sde's rule with per-sample norms) is documented as biased in low dimension:
+    the step size depends on the state and on the noise. Pin that, so the default stays "expected"."""
+    x = sample(quality["model"], (N_Q, 2), quality["schedule"], method="pc", num_steps=STEPS_Q, seed=0,
+               corrector_norms="sample")
+    assert _sw(x, quality["data"]) > quality["thr"]
+
+
+def test_per_sample_corrector_norms_agree_in_high_dimension():
+    """In 64-D the norms concentrate: "sample" and "expected" give the same quality."""
+    s = Schedule.linear()
+    means = torch.randn(3, 64, generator=_gen(5), dtype=torch.float64) * 0.5
+    g = GaussianMixture(means, [0.2, 0.3, 0.15], [0.5, 0.3, 0.2], schedule=s)
+    n = 500
+    data = g.sample(n, _gen(9))
+    dd = sliced_wasserstein(g.sample(n, _gen(10)), data)
+    for norms in ("expected", "sample"):
+        x = sample(g, (n, 64), s, method="pc", num_steps=30, seed=0, corrector_norms=norms)
+        assert sliced_wasserstein(x, data) < 2.0 * dd, norms
+
+
+# ------------------------------------------------------------------------------------------------ independent reference
+def _small():
+    s = Schedule.linear()
+    means = torch.tensor([[0.5, -0.3, 0.2], [-0.6, 0.4, 0.0]], dtype=torch.float64)
+    return s, GaussianMixture(means, [0.3, 0.2], [0.6, 0.4], schedule=s)
+
+
+def _respaced(s, n):
+    k = fastrev.spaced_timesteps(s.num_timesteps, n, "leading")
+    return k, s.respace(k)
+
+
+B_SMALL, STEPS_SMALL, SEED = 6, 8, 11
+
+
+def _x_T(Rs, seed=SEED):
+    return noise.noise_like(torch.empty(B_SMALL, 3), seed, Rs.num_timesteps).double()
+
+
+def _ts(Rs, i):
+    return torch.full((B_SMALL,), int(Rs.timesteps[i]), dtype=torch.int64)
+
+
+def _manual(method, s, g, **kw):
+    """The run written out with fastrev.reference / fastrev.ops (float64), independent of the sampler tables."""
+    k, Rs = _respaced(s, STEPS_SMALL)
+    N = Rs.num_timesteps
+    x = _x_T(Rs)
+    rate = -torch.log(s.alphas)
+    kk = [-1] + k.tolist()
+    idx = torch.arange(B_SMALL)
+    for i in range(N - 1, -1, -1):
+        ab = Rs.alpha_bars[i]
+        eps = g(x, _ts(Rs, i))
+        if method == "ddpm":
+            x = ops.ddpm_step(eps, i, x, Rs, seed=SEED, backend="reference").prev_sample
+        elif method == "ddim":
+            x = ops.ddim_step(eps, i, x, Rs, eta=kw.get("eta", 0.0), seed=SEED, backend="reference").prev_sample
+        elif method == "sde":
+            beta, dt = rate[kk[i + 1]], float(kk[i + 1] - kk[i])
+            z = noise.randn(SEED, idx, i, 3).double() if i > 0 else torch.zeros_like(x)
+            x = R.euler_maruyama_step(x, R.score_from_eps(eps, ab), beta, dt, z)
+        elif method == "ode":
+            dt = float(kk[i + 1] - kk[i])
+            d1 = R.probability_flow_drift(x, rate[kk[i + 1]], R.score_from_eps(eps, ab))
+            xe = x - d1 * dt                                      # backwards in time: x(τ − dt) ≈ x − f·dt
+            if i == 0:
+                x = xe
+            else:
+                eps2 = g(xe, _ts(Rs, i - 1))
+                d2 = R.probability_flow_drift(xe, rate[kk[i]], R.score_from_eps(eps2, Rs.alpha_bars[i - 1]))
+                x = x - 0.5 * dt * (d1 + d2)
+        elif method == "pc":
+            for j in range(kw.get("corrector_steps", 1)):
+                key = i + (j + 1) * (N + 1)
+                z = noise.randn(SEED, idx, key, 3).double()
+                score = R.score_from_eps(g(x, _ts(Rs, i)), ab)
+                if kw.get("corrector_norms", "expected") == "expected":
+                    step = 2 * Rs.alphas[i] * 0.16**2 * (1 - ab) * torch.ones(B_SMALL, dtype=torch.float64)
+                else:
+                    step = 2 * Rs.alphas[i] * (0.16 * z.norm(dim=1) / score.norm(dim=1)) ** 2
+                x = R.langevin_step(x, score, step, z)
+            score = R.score_from_eps(g(x, _ts(Rs, i)), ab)
+            x_mean = (2 - Rs.sqrt_alphas[i]) * x + Rs.betas[i] * score
+            z = noise.randn(SEED, idx, i, 3).double()
+            x = x_mean + (Rs.betas[i].sqrt() * z if i > 0 else 0)
+    return x
+
+
+@pytest.mark.parametrize("method,kw", [("ddpm", {}), ("ddim", {}), ("ddim", {"eta": 0.5}), ("sde", {}), ("ode", {}),
+                                       ("pc", {}), ("pc", {"corrector_norms": "sample", "corrector_steps": 2})])
+def test_matches_independent_reference(method, kw):
+    s, g = _small()
+    got = sample(g, (B_SMALL, 3), s, method=method, num_steps=STEPS_SMALL, seed=SEED, dtype=torch.float64, **kw)
+    want = _manual(method, s, g, **kw)
+    assert got.dtype == torch.float64
+    _assert_close(got, want, rtol=1e-9, atol=1e-9)
+
+
+def test_ddim_eta1_is_ddpm():
+    """DDIM(η = 1) is ancestral DDPM with β̃ (same noise keys): the two samplers give the same samples."""
+    s, g = _small()
+    a = sample(g, (B_SMALL, 3), s, method="ddpm", num_steps=STEPS_SMALL, seed=3, dtype=torch.float64)
+    b = sample(g, (B_SMALL, 3), s, method="ddim", eta=1.0, num_steps=STEPS_SMALL, seed=3, dtype=torch.float64)
+    _assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("pt", ["sample", "v_prediction"])
+def test_prediction_types_agree(method, pt):
+    """The exact x₀- and v-predictors of the mixture are the ε-predictor in other coordinates: same samples."""
+    s, g = _small()
+    g2 = GaussianMixture(g.means, g.stds, g.weights, schedule=s, prediction_type=pt)
+    kw = dict(method=method, num_steps=6, seed=2, dtype=torch.float64)
+    a = sample(g, (B_SMALL, 3), s, **kw)
+    b = sample(g2, (B_SMALL, 3), s, prediction_type=pt, **kw)
+    _assert_close(a, b, rtol=1e-7, atol=1e-7)
+
+
+def test_ddpm_clip_sample_bounds_the_result():
+    """At t = 0 DDPM returns x̂₀ itself: with clip_sample every sample lies in [−1, 1]."""
+    s, g = _small()
+    x = sample(lambda x, t: 3 * g(x, t), (64, 3), s, num_steps=10, clip_sample=True, seed=0)
+    assert x.abs().max() <= 1.0 + 1e-6
+    for m in ("sde", "ode", "pc", "ddim"):
+        assert torch.isfinite(sample(g, (8, 3), s, method=m, num_steps=5, clip_sample=True)).all()
+
+
+@pytest.mark.parametrize("vt", ["learned", "learned_range"])
+def test_learned_variances(vt):
+    """ddpm with a learned variance that equals β̃ is ddpm fixed_small; other methods use the first C channels."""
+    s, g = _small()
+    k, Rs = _respaced(s, 6)
+    logv = dict(zip(Rs.timesteps.tolist(), Rs.posterior_log_variance_clipped.tolist()))
+
+    def model(x, t):
+        eps = g(x, t)
+        if vt == "learned":
+            v = torch.tensor([logv[int(tt)] for tt in t], dtype=x.dtype)[:, None].expand_as(eps)
+        else:
+            v = -torch.ones_like(eps)                          # frac = 0: log β̃
+        return torch.cat([eps, v], dim=1)
+
+    kw = dict(num_steps=6, seed=4, dtype=torch.float64)
+    a = sample(model, (B_SMALL, 3), s, variance_type=vt, **kw)
+    b = sample(g, (B_SMALL, 3), s, **kw)
+    _assert_close(a, b, rtol=1e-9, atol=1e-9)
+    c = sample(model, (B_SMALL, 3), s, method="ddim", variance_type=vt, **kw)
+    d = sample(g, (B_SMALL, 3), s, method="ddim", **kw)
+    _assert_close(c, d, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="2C channels"):
+        sample(g, (B_SMALL, 3), s, variance_type=vt, **kw)
+
+
+# ------------------------------------------------------------------------------------------------ fused = reference
+FUSED_CASES = [("ddpm", {}), ("ddim", {"eta": 0.5}), ("sde", {}), ("ode", {}), ("ode", {"ode_solver": "euler"}),
+               ("pc", {}), ("pc", {"corrector_norms": "sample"}), ("ddpm", {"clip_sample": True}),
+               ("ode", {"clip_sample": True, "prediction_type": "v_prediction"}),
+               ("ddpm", {"variance_type": "learned_range"})]
+
+
+@pytest.mark.parametrize("method,kw", FUSED_CASES)
+def test_fused_matches_reference(kernel_device, method, kw):
+    """The fused kernel (the Triton interpreter on CPU) and the eager float64 reference give the same samples."""
+    s = Schedule.linear()
+    means = torch.randn(3, 6, generator=_gen(0), dtype=torch.float64)
+    g = GaussianMixture(means, [0.2, 0.3, 0.1], schedule=s, prediction_type=kw.get("prediction_type", "epsilon"))
+    model = g
+    if kw.get("variance_type") == "learned_range":
+        model = lambda x, t: torch.cat([g(x, t), torch.tanh(x)], dim=1)  # noqa: E731
+    run = dict(method=method, num_steps=4, seed=3, device=kernel_device, **kw)
+    a = sample(model, (5, 2, 3), s, backend="triton", **run)
+    b = sample(model, (5, 2, 3), s, backend="reference", **run)
+    assert torch.isfinite(b).all()
+    rel = ((a - b).abs().max() / b.abs().max()).item()
+    assert rel <= 1e-5, rel
+
+
+def test_fused_batch_size_invariance(kernel_device):
+    g = _small()[1]
+    s = g.schedule
+    kw = dict(method="pc", corrector_norms="sample", num_steps=2, seed=7, backend="triton", device=kernel_device)
+    assert torch.equal(sample(g, (5, 3), s, **kw), sample(g, (5, 3), s, batch_size=3, **kw))
+
+
+# ------------------------------------------------------------------------------------------------ determinism and keys
+ALL_RUNS = [dict(method="ddpm"), dict(method="ddim", eta=0.3), dict(method="sde"), dict(method="ode"),
+            dict(method="pc"), dict(method="pc", corrector_norms="sample", corrector_steps=2)]
+
+
+@pytest.mark.parametrize("kw", ALL_RUNS)
+def test_batch_size_invariance(kw):
+    s, g = _small()
+    a = sample(g, (7, 3), s, num_steps=5, seed=5, **kw)
+    for bs in (1, 4):
+        assert torch.equal(a, sample(g, (7, 3), s, num_steps=5, seed=5, batch_size=bs, **kw)), bs
+
+
+@pytest.mark.parametrize("kw", ALL_RUNS)
+def test_sample_ranges_compose(kw):
+    """_sample_range(start, count) gives the samples with global indices start.. of the single run (issue 7)."""
+    s, g = _small()
+    full = sample(g, (10, 3), s, num_steps=5, seed=8, **kw)
+    parts = [_sample_range(g, (3,), s, start=a, count=c, num_steps=5, seed=8, **kw) for a, c in ((0, 4), (4, 1),
+                                                                                                 (5, 5))]
+    assert torch.equal(full, torch.cat(parts))
+
+
+@pytest.mark.parametrize("kw", ALL_RUNS)
+def test_same_seed_same_samples(kw):
+    s, g = _small()
+    a = sample(g, (6, 3), s, num_steps=5, seed=123, **kw)
+    assert torch.equal(a, sample(g, (6, 3), s, num_steps=5, seed=123, **kw))
+    assert not torch.equal(a, sample(g, (6, 3), s, num_steps=5, seed=124, **kw))
+    assert torch.equal(a, sample(g, (6, 3), s, num_steps=5, seed=torch.tensor(123), **kw))
+
+
+def test_noise_keys_never_repeat(monkeypatch):
+    """Every draw of the reference path is keyed as documented (noise_keys) and no (sample, key) pair repeats."""
+    s, g = _small()
+    seen = []
+    orig = noise.noise_like
+
+    def spy(x, seed, step, sample_offset=0):
+        st = torch.as_tensor(step).reshape(-1).expand(x.shape[0])
+        seen.extend((sample_offset + b, int(st[b])) for b in range(x.shape[0]))
+        return orig(x, seed, step, sample_offset)
+
+    monkeypatch.setattr(noise, "noise_like", spy)
+    N, C = 5, 2
+    sample(g, (4, 3), s, method="pc", num_steps=N, corrector_steps=C, corrector_norms="sample", batch_size=3)
+    assert len(seen) == len(set(seen))
+    keys = noise_keys(N, C)
+    want = {keys["x_T"]} | set(keys["predictor"]) | {k for row in keys["corrector"] for k in row}
+    assert {k for _, k in seen} == want
+    assert len(want) == 1 + N + C * N
+    assert {i for i, _ in seen} == set(range(4))
+
+
+# ------------------------------------------------------------------------------------------------ model, callback, bar
+def test_model_gets_training_timesteps():
+    s, g = _small()
+    calls = []
+
+    def model(x, t):
+        calls.append((t.dtype, tuple(t.shape), t.tolist()))
+        return g(x, t)
+
+    sample(model, (4, 3), s, method="ddim", num_steps=10, seed=0)
+    assert [c[2][0] for c in calls] == list(range(900, -1, -100))
+    assert all(c[0] == torch.int64 and c[1] == (4,) and len(set(c[2])) == 1 for c in calls)
+    calls.clear()
+    sample(model, (4, 3), s, method="ode", num_steps=4, seed=0)          # Heun: t_i, then t_{i−1}; Euler last
+    assert [c[2][0] for c in calls] == [750, 500, 500, 250, 250, 0, 0]
+
+
+def test_callback():
+    s, g = _small()
+    seen = []
+    x = sample(g, (4, 3), s, num_steps=7, seed=0, callback=lambda i, t, x, x0: seen.append((i, t, x.clone(),
+                                                                                             x0.clone())))
+    assert [i for i, *_ in seen] == list(range(7))
+    _, Rs = _respaced(s, 7)
+    assert [t for _, t, _, _ in seen] == Rs.timesteps.flip(0).tolist()
+    assert all(isinstance(t, int) for _, t, _, _ in seen)
+    assert torch.equal(seen[-1][2], x)
+    _assert_close(seen[-1][3], x)                  # DDPM's last step returns x̂₀
+    for m in ("ddim", "sde", "ode", "pc"):
+        n = []
+        sample(g, (4, 3), s, method=m, num_steps=3, callback=lambda i, t, x, x0, n=n: n.append(x0.shape))
+        assert n == [(4, 3)] * 3, m
+
+
+def test_progress(capsys):
+    pytest.importorskip("tqdm")
+    s, g = _small()
+    sample(g, (4, 3), s, method="ddim", num_steps=5, progress=True, batch_size=2)
+    err = capsys.readouterr().err
+    assert "fastrev ddim" in err and "10/10" in err
+
+
+def test_progress_without_tqdm(monkeypatch):
+    import builtins
+    real = builtins.__import__
+
+    def fake(name, *a, **k):
+        if name.startswith("tqdm"):
+            raise ImportError("no tqdm")
+        return real(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", fake)
+    s, g = _small()
+    with pytest.raises(ImportError, match="progress=True needs tqdm"):
+        sample(g, (2, 3), s, num_steps=2, progress=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_state(quality, dtype):
+    x = sample(quality["model"], (500, 2), quality["schedule"], method="ddim", num_steps=20, dtype=dtype)
+    assert x.dtype == dtype and torch.isfinite(x).all()
+
+
+def test_top_level_export():
+    assert fastrev.sample is sample and fastrev.models.GaussianMixture is GaussianMixture
+
+
+# ------------------------------------------------------------------------------------------------ CUDA graphs
+class _EmulatedGraph:
+    """capture() records the step function without running it, replay() runs it again: what a CUDA graph does, as
+    long as the step reads everything per-step from device buffers (a Python-side step value would be stale)."""
+
+    def __init__(self, device):
+        self.fn = None
+
+    def warmup(self, fn, times=2):
+        for _ in range(times):
+            fn()
+
+    def capture(self, fn):
+        self.fn = fn
+
+    def replay(self):
+        return self.fn()
+
+
+@pytest.mark.parametrize("kw", ALL_RUNS + [dict(method="ode", ode_solver="euler")])
+def test_graph_step_reads_everything_from_device_buffers(monkeypatch, kw):
+    monkeypatch.setattr(SM, "_GRAPH_IMPL", _EmulatedGraph)
+    monkeypatch.setattr(SM, "_check_graph_support", lambda device, fused: None)
+    s, g = _small()
+    seen_a, seen_b = [], []
+    a = sample(g, (5, 3), s, num_steps=5, seed=2, batch_size=3, callback=lambda *c: seen_a.append(c[1]), **kw)
+    b = sample(g, (5, 3), s, num_steps=5, seed=2, batch_size=3, cuda_graph=True,
+               callback=lambda *c: seen_b.append(c[1]), **kw)
+    assert torch.equal(a, b) and seen_a == seen_b
+
+
+def test_cuda_graph_needs_cuda():
+    s, g = _small()
+    with pytest.raises(ValueError, match="cuda_graph=True .* needs a CUDA device"):
+        sample(g, (2, 3), s, cuda_graph=True, device="cpu")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("kw", ALL_RUNS + [dict(method="ode", ode_solver="euler")])
+def test_cuda_graph_matches_eager(kw):
+    s, g = _small()
+    run = dict(num_steps=8, seed=2, batch_size=48, device="cuda", **kw)
+    a = sample(g, (100, 3), s, **run)
+    b = sample(g, (100, 3), s, cuda_graph=True, **run)
+    _assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.cuda
+def test_cuda_recovers_the_mixture(quality):
+    for m in METHODS:
+        x = sample(quality["model"], (N_Q, 2), quality["schedule"], method=m, num_steps=STEPS_Q, device="cuda")
+        assert x.device.type == "cuda" and _sw(x.cpu(), quality["data"]) <= quality["thr"], m
+
+
+# ------------------------------------------------------------------------------------------------ validation
+BAD = [
+    (dict(model=3), TypeError, "model must be callable"),
+    (dict(shape=(0, 2)), ValueError, "shape must have entries >= 1"),
+    (dict(shape="2"), TypeError, "shape must be a tuple of ints"),
+    (dict(schedule="linear"), TypeError, "schedule must be a fastrev.Schedule"),
+    (dict(method="euler"), ValueError, r"method must be one of \('ddpm', 'ddim', 'sde', 'ode', 'pc'\)"),
+    (dict(num_steps=0), ValueError, r"num_steps must be in \[1, 1000\]"),
+    (dict(num_steps=2.5), TypeError, "num_steps must be an int"),
+    (dict(timestep_spacing="middle"), ValueError, "timestep_spacing must be one of"),
+    (dict(method="ddim", eta=-0.1), ValueError, r"eta must be in \[0, 1\]"),
+    (dict(method="ddpm", eta=0.5), ValueError, "eta only applies to method='ddim'"),
+    (dict(prediction_type="noise"), ValueError, "prediction_type must be one of"),
+    (dict(variance_type="small"), ValueError, "variance_type must be one of"),
+    (dict(clip_sample=1), TypeError, "clip_sample must be a bool"),
+    (dict(seed=1.5), TypeError, "seed must be an int"),
+    (dict(batch_size=0), ValueError, "batch_size must be >= 1"),
+    (dict(device="gpu0"), ValueError, "device must be a torch.device"),
+    (dict(dtype=torch.int32), TypeError, "dtype must be one of"),
+    (dict(progress="yes"), TypeError, "progress must be a bool"),
+    (dict(cuda_graph=None), TypeError, "cuda_graph must be a bool"),
+    (dict(callback=5), TypeError, "callback must be callable"),
+    (dict(method="pc", snr=0.0), ValueError, "snr must be a finite number > 0"),
+    (dict(method="pc", corrector_steps=-1), ValueError, "corrector_steps must be >= 0"),
+    (dict(method="pc", corrector_norms="batch"), ValueError,
+     r"corrector_norms must be one of \('expected', 'sample'\)"),
+    (dict(method="ddim", snr=0.1), ValueError, "snr only applies to method='pc'"),
+    (dict(method="sde", corrector_steps=2), ValueError, "corrector_steps only applies to method='pc'"),
+    (dict(method="ode", ode_solver="rk4"), ValueError, r"ode_solver must be one of \('heun', 'euler'\)"),
+    (dict(method="sde", ode_solver="heun"), ValueError, "ode_solver only applies to method='ode'"),
+    (dict(backend="cuda"), ValueError, r"backend must be one of \('auto', 'triton', 'reference'\)"),
+    (dict(backend="triton", dtype=torch.float64), TypeError, "backend='triton' computes in float32"),
+]
+
+
+@pytest.mark.parametrize("bad,exc,msg", BAD)
+def test_bad_arguments(bad, exc, msg):
+    s, g = _small()
+    args = dict(model=g, shape=(2, 3), schedule=s)
+    args.update(bad)
+    model, shape, schedule = args.pop("model"), args.pop("shape"), args.pop("schedule")
+    with pytest.raises(exc, match=msg):
+        sample(model, shape, schedule, num_steps=args.pop("num_steps", 2), **args)
+
+
+def test_bad_model_output():
+    s, g = _small()
+    with pytest.raises(ValueError, match=r"model\(x, t\) must return shape \(2, 3\)"):
+        sample(lambda x, t: g(x, t)[:, :2], (2, 3), s, num_steps=2)
+    with pytest.raises(TypeError, match=r"model\(x, t\) must return a torch.Tensor"):
+        sample(lambda x, t: 0.0, (2, 3), s, num_steps=2)
