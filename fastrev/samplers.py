@@ -517,7 +517,7 @@ class _CudaGraph:
 _GRAPH_IMPL = _CudaGraph        # tests on machines without a GPU swap in an emulator of capture/replay
 
 
-def _run_chunk(plan: _Plan, n: int, offset: int, *, callback, bar, cuda_graph: bool):
+def _run_chunk(plan: _Plan, n: int, offset: int, *, callback, bar, cuda_graph: bool, check_finite: bool = False):
     ch = _Chunk(plan, n, offset)
     i_buf = torch.zeros(1, dtype=torch.int64, device=plan.device)
     want_x0 = callback is not None
@@ -538,6 +538,12 @@ def _run_chunk(plan: _Plan, n: int, offset: int, *, callback, bar, cuda_graph: b
             x0 = graph.replay()
         else:
             x0 = plan.step(ch, i_buf, i, want_x0)
+        if check_finite and not bool(torch.isfinite(ch.x).all()):     # opt-in: one host sync per step
+            bad = int((~torch.isfinite(ch.x)).sum())
+            raise FloatingPointError(
+                f"a non-finite value first appeared at step {pos} of {plan.N} (respaced index {i}, training timestep "
+                f"{plan.timesteps[i]}) in samples {offset}..{offset + n - 1}: {bad} non-finite elements "
+                f"(method={plan.method!r})")
         if callback is not None:
             callback(pos, plan.timesteps[i], ch.x, x0)
         if bar is not None:
@@ -547,7 +553,7 @@ def _run_chunk(plan: _Plan, n: int, offset: int, *, callback, bar, cuda_graph: b
 
 def _validate(model, sample_shape, schedule, *, method, num_steps, timestep_spacing, eta, prediction_type,
               variance_type, clip_sample, seed, batch_size, device, dtype, progress, cuda_graph, callback, snr,
-              corrector_steps, corrector_norms, ode_solver, backend, start, count):
+              corrector_steps, corrector_norms, ode_solver, backend, start, count, check_finite=False):
     if not callable(model):
         raise TypeError(f"model must be callable as model(x, t), got {type(model).__name__}")
     if not isinstance(schedule, Schedule):
@@ -576,6 +582,7 @@ def _validate(model, sample_shape, schedule, *, method, num_steps, timestep_spac
     _flag("clip_sample", clip_sample)
     _flag("progress", progress)
     _flag("cuda_graph", cuda_graph)
+    _flag("check_finite", check_finite)
     if callback is not None and not callable(callback):
         raise TypeError(f"callback must be callable as callback(i, t, x, x0) or None, got {type(callback).__name__}")
     if not (isinstance(seed, torch.Tensor) or _is_int(seed)):
@@ -639,7 +646,7 @@ def _sample_range(model, sample_shape, schedule, *, start: int, count: int, meth
                   timestep_spacing="leading", eta=0.0, prediction_type="epsilon", variance_type="fixed_small",
                   clip_sample=False, seed=0, batch_size=None, device=None, dtype=torch.float32, progress=False,
                   cuda_graph=False, callback=None, snr=None, corrector_steps=None, corrector_norms=None,
-                  ode_solver=None, backend="auto") -> torch.Tensor:
+                  ode_solver=None, backend="auto", check_finite=False) -> torch.Tensor:
     """Samples with global indices ``start .. start + count − 1`` ([count, *sample_shape]): the building block of
     :func:`sample` (start = 0) and of runs split across processes (each takes its own range; the union is the
     single-process run, bit for bit on one backend). Arguments as :func:`sample`."""
@@ -651,7 +658,7 @@ def _sample_range(model, sample_shape, schedule, *, start: int, count: int, meth
                   variance_type=variance_type, clip_sample=clip_sample, seed=seed, batch_size=batch_size,
                   device=device, dtype=dtype, progress=progress, cuda_graph=cuda_graph, callback=callback, snr=snr,
                   corrector_steps=corrector_steps, corrector_norms=corrector_norms, ode_solver=ode_solver,
-                  backend=backend, start=start, count=count)
+                  backend=backend, start=start, count=count, check_finite=check_finite)
     plan = _Plan(model, sample_shape, schedule, method=method, num_steps=num_steps,
                  timestep_spacing=timestep_spacing, eta=float(eta), prediction_type=prediction_type,
                  variance_type=variance_type, clip_sample=clip_sample, seed=seed, device=r["device"], dtype=dtype,
@@ -671,7 +678,8 @@ def _sample_range(model, sample_shape, schedule, *, start: int, count: int, meth
         bar = tqdm(total=len(chunks) * plan.N, desc=f"fastrev {method}", unit="step")
     try:
         for c, n in chunks:
-            result[c:c + n] = _run_chunk(plan, n, start + c, callback=callback, bar=bar, cuda_graph=cuda_graph)
+            result[c:c + n] = _run_chunk(plan, n, start + c, callback=callback, bar=bar, cuda_graph=cuda_graph,
+                                         check_finite=check_finite)
     finally:
         if bar is not None:
             bar.close()
@@ -684,7 +692,7 @@ def sample(model: Callable, shape, schedule: Schedule, *, method: str = "ddpm", 
            device=None, dtype: torch.dtype = torch.float32, progress: bool = False, cuda_graph: bool = False,
            callback: Optional[Callable] = None, snr: Optional[float] = None, corrector_steps: Optional[int] = None,
            corrector_norms: Optional[str] = None, ode_solver: Optional[str] = None,
-           backend: str = "auto") -> torch.Tensor:
+           backend: str = "auto", check_finite: bool = False) -> torch.Tensor:
     """A whole sampling run: ``shape[0]`` samples of shape ``shape[1:]`` from ``model`` with ``method``.
 
     Each step is the model call plus one fused launch (see the module doc for the tables, the noise keying and what
@@ -722,6 +730,8 @@ def sample(model: Callable, shape, schedule: Schedule, *, method: str = "ddpm", 
             per-sample: a reduction pass; biased in low dimension, see the module doc).
         ode_solver: "heun" (default) or "euler" (method "ode" only).
         backend: "auto" (fused kernel on CUDA, reference elsewhere), "triton" or "reference".
+        check_finite: after every step, check the state for NaN/Inf (a host sync per step) and raise
+            ``FloatingPointError`` naming the step where a non-finite value first appeared.
 
     Returns:
         the samples, ``shape``, ``dtype``, on ``device``.
@@ -732,4 +742,4 @@ def sample(model: Callable, shape, schedule: Schedule, *, method: str = "ddpm", 
                          variance_type=variance_type, clip_sample=clip_sample, seed=seed, batch_size=batch_size,
                          device=device, dtype=dtype, progress=progress, cuda_graph=cuda_graph, callback=callback,
                          snr=snr, corrector_steps=corrector_steps, corrector_norms=corrector_norms,
-                         ode_solver=ode_solver, backend=backend)
+                         ode_solver=ode_solver, backend=backend, check_finite=check_finite)

@@ -563,3 +563,26 @@ def test_bad_model_output():
         sample(lambda x, t: g(x, t)[:, :2], (2, 3), s, num_steps=2)
     with pytest.raises(TypeError, match=r"model\(x, t\) must return a torch.Tensor"):
         sample(lambda x, t: 0.0, (2, 3), s, num_steps=2)
+
+
+def test_check_finite_names_the_first_bad_step():
+    from fastrev.models import GaussianMixture
+
+    gm = GaussianMixture.demo_2d()
+    calls = []
+
+    def model(x, t):
+        calls.append(int(t[0]))
+        out = gm(x, t)
+        if len(calls) == 4:                       # the 4th model call (step 3) returns a NaN for one sample
+            out[1, 0] = float("nan")
+        return out
+
+    with pytest.raises(FloatingPointError, match=r"first appeared at step 3 of 10 \(respaced index 6, training "
+                                                 r"timestep 600\) in samples 0\.\.4"):
+        fastrev.sample(model, (5, 2), gm.schedule, num_steps=10, check_finite=True)
+    calls.clear()
+    x = fastrev.sample(model, (5, 2), gm.schedule, num_steps=10)          # off by default: NaN propagates
+    assert torch.isnan(x[1]).any() and torch.isfinite(x[0]).all()
+    with pytest.raises(TypeError, match="check_finite"):
+        fastrev.sample(gm, (5, 2), gm.schedule, check_finite="yes")
