@@ -25,3 +25,13 @@ def pytest_collection_modifyitems(config, items):
 def kernel_device():
     """Where the Triton kernel runs in this session: the GPU if present, else the CPU under the interpreter."""
     return torch.device("cuda" if HAS_CUDA else "cpu")
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """For modules of many small ops: on a 2-core machine shared with other work, torch's intra-op threads cost more
+    than they bring (3-6x slower). One thread for the module, restored afterwards (``pytestmark`` opts in)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

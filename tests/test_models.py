@@ -9,14 +9,7 @@ from fastrev.models import GaussianMixture, sliced_wasserstein
 from fastrev.schedule import Schedule
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """These tests run many small ops: on a 2-core machine shared with other work, torch's intra-op threads cost
-    more than they bring (3-6x slower). One thread for this module, restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _gen(seed):
