@@ -368,12 +368,13 @@ class _FastSchedulerBase:
         device, B, N = sample.device, sample.shape[0], self.config.num_train_timesteps
         t = _ops.resolve_timestep(timestep, B, N, device)
 
-        # host-known timesteps (int, numpy int, CPU tensor) are checked against the chain; device ones are not
+        # host-known timesteps (int, numpy int, CPU tensor) are checked against the chain; device ones only with
+        # fastrev.set_device_checks(True) (a host sync)
         host_t = None
         if isinstance(timestep, (int, np.integer)) and not isinstance(timestep, bool):
             host_t = torch.tensor([int(timestep)])
-        elif isinstance(timestep, torch.Tensor) and timestep.device.type == "cpu":
-            host_t = timestep.reshape(-1).long()
+        elif isinstance(timestep, torch.Tensor) and (timestep.device.type == "cpu" or _ops._CHECK_DEVICE_TIMESTEPS):
+            host_t = timestep.reshape(-1).long().cpu()
         if host_t is not None and not bool(self._scheduled[host_t].all()):
             bad = host_t[~self._scheduled[host_t]][:4].tolist()
             raise ValueError(f"timestep {bad if len(bad) > 1 else bad[0]} is not one of scheduler.timesteps "

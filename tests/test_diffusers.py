@@ -721,6 +721,21 @@ def test_nonscheduled_device_timestep_gives_nan_rows():
     assert torch.isnan(tab[899]).all() and torch.isfinite(tab[900]).all() and torch.isfinite(tab[0]).all()
 
 
+@pytest.mark.cuda
+def test_device_checks_catch_nonscheduled_cuda_timestep():
+    import fastrev
+
+    sch = FastDDPMScheduler()
+    sch.set_timesteps(10, device="cuda")
+    x = torch.randn(2, 3, 4, 4, device="cuda")
+    prev = fastrev.set_device_checks(True)
+    try:
+        with pytest.raises(ValueError, match="not one of scheduler.timesteps"):
+            sch.step(x, torch.tensor([899, 900], device="cuda"), x, return_dict=False)
+    finally:
+        fastrev.set_device_checks(prev)
+
+
 def test_device_state_is_rewritten_in_place_by_set_timesteps():
     """Tables, the previous-timestep lookup and the drawn fast-mode seed keep their storage across set_timesteps (a
     captured CUDA graph keeps reading them) and hold the new chain's values."""
