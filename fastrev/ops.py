@@ -188,7 +188,7 @@ def _step(kind, model_output, timestep, sample, schedule, *, prediction_type, va
     B = sample.shape[0]
     device = sample.device
     t = resolve_timestep(timestep, B, schedule.num_timesteps, device)
-    if prediction_type == "epsilon" and float(schedule.alpha_bars[-1]) == 0.0:
+    if prediction_type == "epsilon" and schedule.zero_terminal_snr:
         _check_not_terminal(timestep, t, schedule.num_timesteps - 1)
     stochastic = kind == "ddpm" or eta > 0
     clip = bool(thresholding or clip_sample)

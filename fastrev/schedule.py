@@ -74,6 +74,8 @@ class Schedule:
             if timesteps.shape != (n,):
                 raise ValueError(f"timesteps must have shape ({n},), got {tuple(timesteps.shape)}")
         self.num_timesteps = n
+        #: ᾱ of the last step is 0 (zero terminal SNR): ε-prediction cannot give x̂₀ there
+        self.zero_terminal_snr = bool(alpha_bars[-1] == 0)
         self.num_train_timesteps = int(num_train_timesteps if num_train_timesteps is not None else n)
         self.timesteps = timesteps
         self.betas = betas
