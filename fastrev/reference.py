@@ -182,8 +182,8 @@ def ddpm_step(x_t, t, model_output, alpha_bars, betas, *, prediction_type="epsil
     if logvar.dim() == 1:
         logvar = _bcast(logvar, x_t)
     std = torch.exp(0.5 * logvar)
-    nonzero = _bcast((t > 0).to(x_t.dtype), x_t)
-    return mean + nonzero * std * noise, x0
+    nonzero = _bcast(t > 0, x_t)
+    return torch.where(nonzero, mean + std * noise, mean), x0        # no variance term at all where t = 0
 
 
 def ddim_sigma(t, alpha_bars, eta):

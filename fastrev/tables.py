@@ -155,5 +155,5 @@ def apply_table(table, rows, x, out, *, var=None, z=None, base=None, clip=False,
                 sigma = sig * torch.exp(0.5 * (frac * col("LOG_HI") + (1.0 - frac) * col("LOG_LO")))
             else:
                 sigma = sig * torch.sqrt(v)
-        prev = torch.where(sigma != 0, prev + sigma * z.to(f64), prev)
+        prev = torch.where(sig != 0, prev + sigma * z.to(f64), prev)      # the table's switch, as the kernel
     return prev, x0

@@ -151,8 +151,9 @@ def _reverse_step_kernel(
             group = pid_n * (BLOCK_N // 4) + tl.arange(0, BLOCK_N // 4)
             step = tl.load(step_ptr + rows, mask=row_ok, other=0)
             z = _counter_normals(seed, group, rows + sample_offset, step, SAMPLES, BLOCK_N)
-        # where σ = 0 (no noise at this step) z contributes exactly nothing, even if z were inf
-        prev = tl.where(sigma != 0.0, prev + sigma * z, prev)
+        # gate on the table's switch, not on σ: at a no-noise step (SIGMA = 0) nothing is added, even where the
+        # learned-variance channels would make σ NaN (√ of a negative variance, 0·inf)
+        prev = tl.where(sig != 0.0, prev + sigma * z, prev)
 
     tl.store(prev_ptr + rows[:, None] * stride_prev + cols[None, :], prev.to(prev_ptr.dtype.element_ty), mask=mask)
     if WRITE_X0:

@@ -853,3 +853,20 @@ def test_cuda_kernel_parity():
     for t in reversed(range(len(sch))):
         sample = sch.step(sample * t / (t + 1), t, sample, generator=generator).prev_sample
     assert abs(sample.abs().sum().item() - 258.9606) < 1e-2
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_learned_variance_at_t0_ignores_negative_channels(backend):
+    """Regression (review): diffusers skips the variance term at t = 0; a slightly negative linear variance there
+    must not turn the sample into NaN (it did: 0·√v)."""
+    ref, fast = DDPMScheduler(variance_type="learned"), FastDDPMScheduler(variance_type="learned")
+    ref.set_timesteps(10)
+    fast.set_timesteps(10)
+    fast.backend = backend
+    x = torch.randn(1, 2, 4, 4)
+    out = torch.randn(1, 4, 4, 4)
+    out[:, 2:] = -0.01
+    a = ref.step(out, 0, x).prev_sample
+    b = fast.step(out, 0, x, variance_noise=torch.randn_like(x)).prev_sample
+    assert torch.isfinite(b).all()
+    torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)

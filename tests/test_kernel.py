@@ -343,3 +343,15 @@ def test_kernel_columns_match_tables():
     names = ["A", "B", "C0", "C1", "C2", "SIGMA", "LOG_LO", "LOG_HI", "CLIP", "D"]
     assert [getattr(K, "_" + n).value for n in names] == [tables.COL[n] for n in names]
     assert tables.NCOL == len(names)
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_no_variance_term_at_t0_even_with_wild_variance_channels(backend):
+    """Regression (review): at t = 0 the variance channels must not matter — inf log-variance gave 0·inf = NaN."""
+    x = torch.randn(2, 3, 8, device=DEV)
+    o = torch.randn(2, 6, 8, device=DEV)
+    o[:, 3:] = float("inf")
+    r = ddpm_step(o, torch.tensor([0, 0], device=DEV), x, S, variance_type="learned", seed=1, backend=backend)
+    assert torch.isfinite(r.prev_sample).all()
+    want = ddpm_step(o[:, :3], 0, x, S, seed=1, backend="reference").prev_sample
+    torch.testing.assert_close(r.prev_sample, want, rtol=1e-5, atol=1e-5)
