@@ -95,6 +95,8 @@ def sample(model, shape, schedule, *, shard_dir: Optional[str | os.PathLike] = N
         rank, world = dist.get_rank(), dist.get_world_size()
     device = kwargs.pop("device", None)
     device = torch.device(device) if device is not None else _default_device(local)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)        # this rank's GPU is the current one (Triton launches on the current)
     if world > 1:
         _ensure_group(device, timeout_s)
     start, count = shard_range(shape[0], rank, world)

@@ -99,15 +99,20 @@ def resolve_timestep(timestep, B: int, num_timesteps: int, device) -> torch.Tens
 def _check_not_terminal(timestep, t, last):
     """Zero-terminal-SNR schedules have ᾱ = 0 at the last step, where x̂₀ = (x − ε)/√ᾱ is undefined for
     ε-prediction (checked where the timestep is known on the host, or with device checks on)."""
-    host = isinstance(timestep, int) or (isinstance(timestep, torch.Tensor) and timestep.device.type == "cpu")
-    if (host or _CHECK_DEVICE_TIMESTEPS) and t.numel() and bool((t == last).any()):
+    if isinstance(timestep, torch.Tensor) and timestep.device.type == "cpu":
+        hit = bool((timestep == last).any())                       # the host copy: no device sync
+    elif isinstance(timestep, torch.Tensor):
+        hit = _CHECK_DEVICE_TIMESTEPS and bool((t == last).any())  # opt-in: reads the device back
+    else:
+        hit = int(timestep) == last
+    if hit and t.numel():
         raise ValueError(f"prediction_type='epsilon' is undefined at timestep {last}: this schedule has zero terminal "
                          "SNR (ᾱ = 0 there, x̂₀ = (x − √(1−ᾱ) ε)/√ᾱ divides by 0); use 'v_prediction' or 'sample', "
                          "or start sampling one step later")
 
 
 def draw_seed(generator: torch.Generator | None, device) -> torch.Tensor:
-    """A 63-bit seed drawn from ``generator`` (or torch's default generator), as an int64 [1] tensor on ``device``
+    """A seed in [0, 2⁶²) drawn from ``generator`` (or torch's default generator), as an int64 [1] tensor on ``device``
     (drawn on the generator's device: no host sync for a CUDA generator)."""
     gen_device = generator.device if generator is not None else torch.device("cpu")
     s = torch.randint(0, 2**62, (1,), generator=generator, device=gen_device, dtype=torch.int64)
@@ -260,6 +265,9 @@ def fused_step(table, t, sample, model_output, *, learned=False, variance_type="
     and ``stochastic``). No validation here: the public ops validate.
     """
     from .kernels import reverse_step as K
+    t = t.contiguous()                       # free when it already is (the kernel reads t[b] at b)
+    if step is not None:
+        step = step.contiguous()
     C = sample.shape[1] if sample.dim() > 1 else 0
     x = _flat_view(sample)
     if learned:
@@ -280,8 +288,10 @@ def fused_step(table, t, sample, model_output, *, learned=False, variance_type="
         thresh = _threshold_scale(table, t, x, eps_part, dynamic_thresholding_ratio, sample_max_value)
     else:
         clip_mode = K.CLIP_RANGE if clip else K.CLIP_NONE
-    # outputs: write straight into `out` when the kernel can address it (in place over `sample` included)
-    if out is not None and _per_sample_contiguous(out):
+    # outputs: write straight into `out` when the kernel can address it (in place over `sample` included); an `out`
+    # whose samples overlap in memory (an expanded tensor) goes through copy_, which rejects it like torch does
+    N = sample[0].numel() if sample.shape[0] else 0
+    if out is not None and _per_sample_contiguous(out) and (out.shape[0] <= 1 or out.stride(0) >= N):
         prev = out
     else:
         prev = _alloc(sample)

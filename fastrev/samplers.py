@@ -280,6 +280,16 @@ class _Plan:
         self.S = schedule
         self.k, self.R = _respaced(schedule, num_steps, timestep_spacing)
         self.N = self.R.num_timesteps
+        if self.R.zero_terminal_snr:         # the run visits ᾱ = 0 (zero terminal SNR, last step kept)
+            if prediction_type == "epsilon":
+                raise ValueError("prediction_type='epsilon' is undefined at the first step of this run: the schedule "
+                                 "has zero terminal SNR (ᾱ = 0 at training timestep "
+                                 f"{int(self.R.timesteps[-1])}, x̂₀ = (x − ε)/√ᾱ); use 'v_prediction' or 'sample', or "
+                                 "a spacing that skips the last timestep ('leading')")
+            if method in ("sde", "ode"):
+                raise ValueError(f"method={method!r} needs β(t) = −log α finite, but the schedule has zero terminal "
+                                 "SNR (α = 0 at its last step); use 'ddpm', 'ddim' or 'pc', or a spacing that skips "
+                                 "the last timestep ('leading')")
         self.timesteps = self.R.timesteps.tolist()            # host copy, for callbacks (no device sync)
         self.ts = self.R.device_tensor("timesteps", device, torch.int64)
         self.seed = _noise.as_seed_tensor(seed, device)
@@ -676,10 +686,14 @@ def _sample_range(model, sample_shape, schedule, *, start: int, count: int, meth
         except ImportError:
             raise ImportError("progress=True needs tqdm: pip install tqdm (or fastrev[progress])") from None
         bar = tqdm(total=len(chunks) * plan.N, desc=f"fastrev {method}", unit="step")
+    from .kernels.reverse_step import device_guard
     try:
-        for c, n in chunks:
-            result[c:c + n] = _run_chunk(plan, n, start + c, callback=callback, bar=bar, cuda_graph=cuda_graph,
-                                         check_finite=check_finite)
+        # sampling never needs gradients (a module's parameters would chain an autograd graph through every step),
+        # and CUDA work (launches, graph capture streams) must run on the sampling device, not the current one
+        with torch.no_grad(), device_guard(plan.device):
+            for c, n in chunks:
+                result[c:c + n] = _run_chunk(plan, n, start + c, callback=callback, bar=bar, cuda_graph=cuda_graph,
+                                             check_finite=check_finite)
     finally:
         if bar is not None:
             bar.close()

@@ -24,6 +24,7 @@ Bytes moved per element, float32 storage (the minimum for the step):
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -193,6 +194,20 @@ def _launch(kernel, x, out, var, noise, base, thresh, table, t, step, seed, prev
     span = max(_span(a, B, N) for a in (x, out, var, noise, base, prev, x0))
     int64 = bool(force_int64) or span >= 2**31 - 1 or B >= 2**31 - 1
     grid = (triton.cdiv(B, samples) * triton.cdiv(N, block_n),)
+    with device_guard(x.device):
+        _run(kernel, grid, x, out, var, noise, base, thresh, table, t, step, seed, prev, x0, B, N, sample_offset,
+             clip_mode, var_mode, noise_mode, samples, block_n, int64)
+
+
+def device_guard(device: torch.device):
+    """Triton launches on the *current* CUDA device: make it the tensors' device (cuda:1, a torchrun rank ...)."""
+    if device.type == "cuda" and device.index is not None and device.index != torch.cuda.current_device():
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
+def _run(kernel, grid, x, out, var, noise, base, thresh, table, t, step, seed, prev, x0, B, N, sample_offset,
+         clip_mode, var_mode, noise_mode, samples, block_n, int64):
     kernel[grid](
         x, out, var if var is not None else x, noise if noise is not None else x, base if base is not None else x,
         thresh if thresh is not None else x, table, t, step if step is not None else t,

@@ -355,3 +355,12 @@ def test_no_variance_term_at_t0_even_with_wild_variance_channels(backend):
     assert torch.isfinite(r.prev_sample).all()
     want = ddpm_step(o[:, :3], 0, x, S, seed=1, backend="reference").prev_sample
     torch.testing.assert_close(r.prev_sample, want, rtol=1e-5, atol=1e-5)
+
+
+def test_overlapping_out_is_rejected_like_torch():
+    """Regression (review): an expanded `out` (all samples at one address) was written silently."""
+    x, o, z, t = _inputs(3, 1023)
+    out = torch.zeros(1, *x.shape[1:], device=DEV).expand_as(x)
+    for backend in ("triton", "reference"):
+        with pytest.raises(RuntimeError, match="single memory location"):
+            ddpm_step(o, t, x, S, noise=z, out=out, backend=backend)

@@ -579,3 +579,37 @@ def test_check_finite_names_the_first_bad_step():
     assert torch.isnan(x[1]).any() and torch.isfinite(x[0]).all()
     with pytest.raises(TypeError, match="check_finite"):
         fastrev.sample(gm, (5, 2), gm.schedule, check_finite="yes")
+
+
+def test_zero_terminal_snr_is_an_error_not_nan():
+    """Regression (review): ᾱ = 0 at a visited step gave silent NaN."""
+    S = Schedule.linear().rescale_zero_terminal_snr()
+    for method in METHODS:
+        with pytest.raises(ValueError, match="zero terminal SNR"):
+            sample(GaussianMixture.demo_2d(S), (4, 2), S, method=method, num_steps=10, timestep_spacing="trailing")
+    for method in ("sde", "ode"):
+        with pytest.raises(ValueError, match="zero terminal SNR"):
+            sample(GaussianMixture.demo_2d(S, "v_prediction"), (4, 2), S, method=method, num_steps=10,
+                   timestep_spacing="trailing", prediction_type="v_prediction")
+    for method in ("ddpm", "ddim", "pc"):                                    # v-prediction is fine there
+        x = sample(GaussianMixture.demo_2d(S, "v_prediction"), (4, 2), S, method=method, num_steps=10,
+                   timestep_spacing="trailing", prediction_type="v_prediction")
+        assert torch.isfinite(x).all()
+    x = sample(GaussianMixture.demo_2d(S), (4, 2), S, num_steps=10)          # leading skips t = 999: fine
+    assert torch.isfinite(x).all()
+
+
+def test_sampling_builds_no_autograd_graph():
+    """Regression (review): a module with trainable parameters chained a graph through every step."""
+    gm = GaussianMixture.demo_2d()
+
+    class Wrapped(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scale = torch.nn.Parameter(torch.ones(()))
+
+        def forward(self, x, t):
+            return gm(x, t) * self.scale
+
+    x = sample(Wrapped(), (4, 2), gm.schedule, num_steps=5)
+    assert not x.requires_grad and x.grad_fn is None
