@@ -101,9 +101,7 @@ _INV_SQRT_ZERO = 2.0 ** 100   # finite stand-in for 1/√ᾱ where ᾱ = 0 (zero
 _F64 = torch.float64
 
 
-def _check_in(name, value, choices):
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+_check_in = _ops._check_choice
 
 
 # ------------------------------------------------------------------------------------------------ tables
@@ -161,22 +159,12 @@ def ddim_rows(s: Schedule, prediction_type: str, eta: float, clip: bool, clip_ra
               use_clipped_model_output: bool) -> torch.Tensor:
     """float64 [R, NCOL] rows of DDIM(η) on the chain schedule ``s``: :func:`fastrev.tables.ddim_table`, with the
     finite stand-in for 1/√0 in the x̂₀ columns (zero terminal SNR with ε-prediction)."""
+    # ddim_table builds σ from the chain's β' (diffusers' 1 − fl32(ᾱ_t/ᾱ_prev)): diffusers' σ, no cancellation
     rows = _T.ddim_table(s, prediction_type, eta, clip, clip_range, use_clipped_model_output)
-    if eta != 0:
-        # diffusers' σ² = (1 − ᾱ_prev)/(1 − ᾱ_t) · (1 − fl32(ᾱ_t/ᾱ_prev)) = … · β' of the chain; ddim_table takes
-        # 1 − ᾱ_t/ᾱ_prev in float64 (up to 5e-4 relative away for short strides). Rescale η per row to get diffusers'
-        # σ (a no-op once ddim_table builds σ from schedule.betas).
-        want = eta * torch.sqrt((1 - s.alpha_bars_prev) / (1 - s.alpha_bars) * s.betas)
-        got = rows[:, _T.COL["SIGMA"]]
-        if not torch.equal(want, got):
-            eta_rows = torch.where(got != 0, eta * want / torch.where(got != 0, got, torch.ones_like(got)),
-                                   torch.full_like(got, float(eta)))
-            rows = _T.ddim_table(s, prediction_type, eta_rows, clip, clip_range, use_clipped_model_output)
     rows[:, _T.COL["A"]], rows[:, _T.COL["B"]] = _x0_coefficients(s, prediction_type)
     return rows
 
 
-# ------------------------------------------------------------------------------------------------ torch update
 # ------------------------------------------------------------------------------------------------ shared machinery
 class _FastSchedulerBase:
     """The part FastDDPMScheduler and FastDDIMScheduler share: chain, tables, noise, backend, the step itself."""
@@ -389,7 +377,13 @@ class _FastSchedulerBase:
             if variance_noise is not None:
                 if not isinstance(variance_noise, torch.Tensor):
                     raise TypeError(f"variance_noise must be a torch.Tensor, got {type(variance_noise).__name__}")
-                z = variance_noise.to(device).expand(sample.shape)
+                if not variance_noise.dtype.is_floating_point:
+                    raise TypeError(f"variance_noise must be a floating tensor, got {variance_noise.dtype}")
+                try:
+                    z = variance_noise.to(device).expand(sample.shape)
+                except RuntimeError:
+                    raise ValueError(f"variance_noise must have the sample's shape {tuple(sample.shape)} (or "
+                                     f"broadcast to it), got {tuple(variance_noise.shape)}") from None
             elif generator is not None:
                 if noise_only_if_t_positive and host_t is not None and not bool((host_t > 0).any()):
                     stochastic = False                  # diffusers draws nothing at t = 0
@@ -400,41 +394,16 @@ class _FastSchedulerBase:
                 seed = self._seed_tensor(device)
 
         # ---- backend
-        backend = self.backend
         any_f64 = _F64 in (sample.dtype, model_output.dtype) or (z is not None and z.dtype == _F64)
         needs_grad = torch.is_grad_enabled() and (sample.requires_grad or model_output.requires_grad)
-        if backend == "auto":
-            use_kernel = device.type == "cuda" and not any_f64 and not needs_grad
-        elif backend == "triton":
-            if any_f64:
-                raise TypeError("backend='triton' computes in float32; float64 tensors need backend='torch' "
-                                "(or 'auto', which picks it)")
-            if device.type == "cpu":
-                from .kernels import reverse_step as K
-                if not K.INTERPRET:
-                    raise RuntimeError("backend='triton' on CPU tensors needs the Triton interpreter: set "
-                                       "TRITON_INTERPRET=1 before importing fastrev, or use backend='torch' / 'auto'")
-            use_kernel = True
-        else:
-            use_kernel = False
-
+        backend = _ops.resolve_backend(self.backend, device, any_f64=any_f64, needs_grad=needs_grad)
         cfg = self.config
-        clip = bool(cfg.thresholding or cfg.clip_sample)
-        if use_kernel:
-            table = self._table(key, device, torch.float32)
-            prev, x0 = _ops.fused_step(
-                table, t, sample, model_output, learned=learned, var_mode=var_mode, clip=clip,
-                thresholding=bool(cfg.thresholding), dynamic_thresholding_ratio=cfg.dynamic_thresholding_ratio,
-                sample_max_value=cfg.sample_max_value, noise=z, seed=seed, stochastic=stochastic, return_x0=True)
-        else:
-            table = self._table(key, device, _F64)
-            if stochastic and z is None:
-                z = _noise.noise_like(sample, seed, t)
-            prev, x0 = _T.apply_table(table, t, sample, out_part, var=var_part, z=z if stochastic else None,
-                                      clip=clip, thresholding=bool(cfg.thresholding),
-                                      ratio=cfg.dynamic_thresholding_ratio, max_value=cfg.sample_max_value,
-                                      var_mode=var_mode)
-            prev, x0 = prev.to(sample.dtype), x0.to(sample.dtype)
+        table = self._table(key, device, torch.float32 if backend == "triton" else _F64)
+        prev, x0 = _ops.fused_step(
+            table, t, sample, model_output, learned=learned, var_mode=var_mode,
+            clip=bool(cfg.thresholding or cfg.clip_sample), thresholding=bool(cfg.thresholding),
+            dynamic_thresholding_ratio=cfg.dynamic_thresholding_ratio, sample_max_value=cfg.sample_max_value,
+            noise=z, seed=seed, stochastic=stochastic, return_x0=True, backend=backend)
         return prev, x0
 
 

@@ -21,8 +21,8 @@ from . import reference as R
 from . import tables as T
 from .schedule import Schedule
 
-__all__ = ["StepOutput", "ddpm_step", "ddim_step", "BACKENDS", "resolve_timestep", "draw_seed", "fused_step",
-           "set_device_checks"]
+__all__ = ["StepOutput", "ddpm_step", "ddim_step", "BACKENDS", "resolve_timestep", "resolve_backend", "draw_seed",
+           "fused_step", "set_device_checks"]
 
 BACKENDS = ("auto", "reference", "torch", "triton")
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -94,6 +94,32 @@ def resolve_timestep(timestep, B: int, num_timesteps: int, device) -> torch.Tens
             raise ValueError(f"timestep must be in [0, {num_timesteps}), got values in [{lo}, {hi}]")
     t = timestep.to(device=device, dtype=torch.int64, non_blocking=True)
     return t.reshape(-1).expand(B).contiguous() if t.numel() != B or t.dim() != 1 else t.contiguous()
+
+
+def resolve_backend(backend: str, device, *, any_f64: bool = False, needs_grad: bool = False) -> str:
+    """"triton" or "reference" for a backend name ("auto", "triton", "reference" / "torch") on ``device``.
+
+    "auto" is the kernel on CUDA unless float64 or autograd asks for the reference. An explicit "triton" raises a
+    clear error on a CPU without ``TRITON_INTERPRET=1``, on other devices, and for float64; with autograd it falls
+    back to the differentiable reference. Shared by the ops, the samplers and the diffusers drop-ins.
+    """
+    device = torch.device(device)
+    if backend == "auto":
+        return "triton" if device.type == "cuda" and not any_f64 and not needs_grad else "reference"
+    if backend in ("reference", "torch"):
+        return "reference"
+    if backend != "triton":
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    from .kernels import reverse_step as K
+    if device.type == "cpu" and not K.INTERPRET:
+        raise RuntimeError("backend='triton' on CPU tensors needs the Triton interpreter: set TRITON_INTERPRET=1 "
+                           "before importing fastrev, or use backend='reference' / 'auto'")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"backend='triton' supports CUDA (and CPU under TRITON_INTERPRET=1), got {device}")
+    if any_f64:
+        raise TypeError("backend='triton' computes in float32; float64 tensors need backend='reference' "
+                        "(or 'auto', which picks it)")
+    return "reference" if needs_grad else "triton"
 
 
 def _check_not_terminal(timestep, t, last):
@@ -201,22 +227,7 @@ def _step(kind, model_output, timestep, sample, schedule, *, prediction_type, va
     # ---- backend
     needs_grad = torch.is_grad_enabled() and (sample.requires_grad or model_output.requires_grad)
     any_f64 = torch.float64 in (sample.dtype, model_output.dtype) or (noise is not None and noise.dtype == torch.float64)
-    if backend == "auto":
-        backend = "triton" if device.type == "cuda" and not any_f64 and not needs_grad else "reference"
-    elif backend == "torch":
-        backend = "reference"
-    if backend == "triton":
-        from .kernels import reverse_step as K
-        if device.type == "cpu" and not K.INTERPRET:
-            raise RuntimeError("backend='triton' on CPU tensors needs the Triton interpreter: set TRITON_INTERPRET=1 "
-                               "before importing fastrev, or use backend='reference' / 'auto'")
-        if device.type not in ("cpu", "cuda"):
-            raise ValueError(f"backend='triton' supports CUDA (and CPU under TRITON_INTERPRET=1), got {device}")
-        if any_f64:
-            raise TypeError("backend='triton' computes in float32; float64 tensors need backend='reference' "
-                            "(or 'auto', which picks it)")
-        if needs_grad:
-            backend = "reference"   # autograd through the step: the differentiable reference
+    backend = resolve_backend(backend, device, any_f64=any_f64, needs_grad=needs_grad)
 
     # ---- noise source (the counter stream unless a tensor is given)
     seed_t = None
@@ -255,15 +266,23 @@ def _step(kind, model_output, timestep, sample, schedule, *, prediction_type, va
 def fused_step(table, t, sample, model_output, *, learned=False, variance_type="fixed_small", clip=False,
                thresholding=False, dynamic_thresholding_ratio=0.995, sample_max_value=1.0, noise=None, seed=None,
                sample_offset=0, stochastic=True, out=None, return_x0=True, var_mode=None, step=None,
-               base=None) -> StepOutput:
-    """Run the fused kernel with a prepared device table (float32 [T, NCOL]) and int64 [B] rows ``t``.
+               base=None, backend="triton") -> StepOutput:
+    """One table step: the fused kernel (``backend="triton"``, a float32 device table) or its eager float64 twin
+    :func:`fastrev.tables.apply_table` (``"reference"``, any float table) — the same inputs, the same noise.
 
     The building block of the ops, the samplers and the diffusers schedulers: a new sampler is a new table.
-    ``var_mode`` overrides the variance mode implied by ``variance_type`` (e.g. ``tables.VAR_LINEAR``);
-    ``step`` (int64 [B]) is the noise step of the counter stream when it differs from the row ``t``; ``base`` is
-    the optional third state (column D). ``seed``: int64 [1] device tensor (counter noise when ``noise`` is None
-    and ``stochastic``). No validation here: the public ops validate.
+    ``t``: int64 [B] table rows. ``var_mode`` overrides the variance mode implied by ``variance_type`` (e.g.
+    ``tables.VAR_LINEAR``); ``step`` (int64 [B]) is the noise step of the counter stream when it differs from the
+    row ``t``; ``base`` is the optional third state (column D). ``seed``: int64 [1] device tensor (counter noise
+    when ``noise`` is None and ``stochastic``). No validation here: the public ops validate.
     """
+    if var_mode is None:   # the variance channels only count when the output carries them (learned=True)
+        var_mode = T.VAR_MODES[variance_type] if learned else T.VAR_FIXED
+    if backend == "reference":
+        return _table_step_reference(table, t, sample, model_output, learned=learned, var_mode=var_mode, clip=clip,
+                                     thresholding=thresholding, ratio=dynamic_thresholding_ratio,
+                                     max_value=sample_max_value, noise=noise, seed=seed, sample_offset=sample_offset,
+                                     stochastic=stochastic, out=out, return_x0=return_x0, step=step, base=base)
     from .kernels import reverse_step as K
     t = t.contiguous()                       # free when it already is (the kernel reads t[b] at b)
     if step is not None:
@@ -274,8 +293,6 @@ def fused_step(table, t, sample, model_output, *, learned=False, variance_type="
         eps_part, var_part = _flat_view(model_output[:, :C]), _flat_view(model_output[:, C:])
     else:
         eps_part, var_part = _flat_view(model_output), None
-    if var_mode is None:
-        var_mode = T.VAR_MODES[variance_type]
     if noise is not None:
         noise_mode, z = K.NOISE_TENSOR, _flat_view(noise)
     elif stochastic:
@@ -302,6 +319,24 @@ def fused_step(table, t, sample, model_output, *, learned=False, variance_type="
         out.copy_(prev)
         prev = out
     return StepOutput(prev, x0)
+
+
+def _table_step_reference(table, t, sample, model_output, *, learned, var_mode, clip, thresholding, ratio, max_value,
+                          noise, seed, sample_offset, stochastic, out, return_x0, step, base) -> StepOutput:
+    """:func:`fused_step` in eager float64 torch (:func:`fastrev.tables.apply_table`), cast to the sample's dtype."""
+    C = sample.shape[1] if sample.dim() > 1 else 0
+    o, var = (model_output[:, :C], model_output[:, C:]) if learned else (model_output, None)
+    z = None
+    if stochastic:
+        z = noise if noise is not None else _noise.noise_like(sample, seed, t if step is None else step,
+                                                                sample_offset)
+    prev, x0 = T.apply_table(table, t, sample, o, var=var, z=z, base=base, clip=clip, thresholding=thresholding,
+                             ratio=ratio, max_value=max_value, var_mode=var_mode)
+    prev = prev.to(sample.dtype)
+    if out is not None:
+        out.copy_(prev)
+        prev = out
+    return StepOutput(prev, x0.to(sample.dtype) if return_x0 else None)
 
 
 def _alloc(like: torch.Tensor) -> torch.Tensor:

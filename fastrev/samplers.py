@@ -109,9 +109,7 @@ def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _choice(name, value, choices):
-    if not isinstance(value, str) or value not in choices:
-        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+from .ops import _check_choice as _choice  # noqa: E402  (one validator for every module)
 
 
 def _flag(name, value):
@@ -162,20 +160,11 @@ def _respaced(schedule: Schedule, num_steps, spacing):
 
 
 # ------------------------------------------------------------------------------------------------ tables
-def _eps_linear(R: Schedule, prediction_type: str, clip: bool):
-    """(Kx, K0, Ko), float64 [T]: ε̂ = Kx·x + K0·x̂₀ + Ko·out (x̂₀ clipped when ``clip``)."""
-    if clip:
-        r = 1.0 / R.sqrt_one_minus_alpha_bars
-        return r, -R.sqrt_alpha_bars * r, torch.zeros_like(r)
-    Ex, Eo = T.eps_coefficients(R, prediction_type)
-    return Ex, torch.zeros_like(Ex), Eo
-
-
 def _score_update_table(R, prediction_type, clip, P, Q, sigma, D=None, at=None):
     """The table of x_new = P·x + Q·ε̂ (+ D·base) + σ·z, with ε̂ and x̂₀ taken at respaced indices ``at`` (default:
     each row's own index)."""
     A, Bc = T.x0_coefficients(R, prediction_type)
-    Kx, K0, Ko = _eps_linear(R, prediction_type, clip)
+    Kx, K0, Ko = T.eps_linear(R, prediction_type, clip)
     if at is not None:
         A, Bc, Kx, K0, Ko = (c[at] for c in (A, Bc, Kx, K0, Ko))
     return T.finish_table(A, Bc, Q * K0, P + Q * Kx, Q * Ko, sigma, clip=clip, D=D)
@@ -262,19 +251,8 @@ class _Plan:
         self._noise_table = None
         self.ode_solver = ode_solver
         self.eta = eta
-        if backend == "auto":
-            backend = "triton" if device.type == "cuda" and dtype != torch.float64 else "reference"
-        if backend == "triton":
-            if dtype == torch.float64:
-                raise TypeError("backend='triton' computes in float32; dtype=torch.float64 needs backend='reference' "
-                                "(or 'auto', which picks it)")
-            if device.type not in ("cuda", "cpu"):
-                raise ValueError(f"backend='triton' runs on CUDA (or CPU under TRITON_INTERPRET=1), got {device}")
-            if device.type == "cpu":
-                from .kernels import reverse_step as K
-                if not K.INTERPRET:
-                    raise RuntimeError("backend='triton' on the CPU needs the Triton interpreter: set "
-                                       "TRITON_INTERPRET=1 before importing fastrev, or use backend='reference'/'auto'")
+        from .ops import resolve_backend
+        backend = resolve_backend(backend, device, any_f64=dtype == torch.float64)
         self.fused = backend == "triton"
         self.backend = backend
         self.S = schedule
@@ -295,7 +273,7 @@ class _Plan:
         self.seed = _noise.as_seed_tensor(seed, device)
         self.tables = {name: self._table(name, build) for name, build in self._builders().items()}
         if method == "pc" and self.corrector_norms == "sample":
-            Kx, K0, Ko = _eps_linear(self.R, prediction_type, self.clip)
+            Kx, K0, Ko = T.eps_linear(self.R, prediction_type, self.clip)
             aux = torch.stack([Kx, K0, Ko, self.R.sqrt_one_minus_alpha_bars, self.R.alphas], dim=1)
             self.aux = self._cached(("pc_aux", prediction_type, self.clip), lambda: aux)
 
@@ -356,17 +334,11 @@ class _Plan:
     def apply(self, table, rows, x, out, *, dst, offset, keys=None, stochastic, noise=None, base=None,
               return_x0=False, learned=False):
         """x_new = the table update of (x, out[, base], z) at ``rows``, written into ``dst``; returns x̂₀ or None."""
-        if self.fused:
-            from .ops import fused_step
-            res = fused_step(table, rows, x, out, learned=learned, variance_type=self.variance_type,
-                             clip=self.clip, noise=noise, seed=self.seed, sample_offset=offset,
-                             stochastic=stochastic, out=dst, return_x0=return_x0, step=keys, base=base)
-            return res.pred_original_sample
-        prev, x0 = _torch_table_step(table, rows, x, out, base=base, clip=self.clip, learned=learned,
-                                     variance_type=self.variance_type, stochastic=stochastic, noise=noise,
-                                     seed=self.seed, keys=rows if keys is None else keys, offset=offset)
-        dst.copy_(prev)
-        return x0.to(x.dtype) if return_x0 else None
+        from .ops import fused_step
+        res = fused_step(table, rows, x, out, learned=learned, variance_type=self.variance_type, clip=self.clip,
+                         noise=noise, seed=self.seed, sample_offset=offset, stochastic=stochastic, out=dst,
+                         return_x0=return_x0, step=keys, base=base, backend=self.backend)
+        return res.pred_original_sample
 
     # the per-step functions: every per-step value comes from the device buffer i_buf (graph-safe); the host int
     # i only selects the code path (ODE's last step) ------------------------------------------------------
@@ -479,21 +451,6 @@ class _Chunk:
 
 
 # ------------------------------------------------------------------------------------------------ the reference update
-def _torch_table_step(table, rows, x, out, *, base, clip, learned, variance_type, stochastic, noise, seed, keys,
-                      offset):
-    """The kernel's update in eager torch, float64 (:func:`fastrev.tables.apply_table`): the same table, the same
-    counter-stream noise (drawn here at ``keys`` unless ``noise`` is given). Returns (x_new, x̂₀), float64."""
-    var = None
-    if learned:
-        C = x.shape[1]
-        out, var = out[:, :C], out[:, C:]
-    z = None
-    if stochastic:
-        z = _noise.noise_like(x, seed, keys, offset) if noise is None else noise
-    return T.apply_table(table, rows, x, out, var=var, z=z, base=base, clip=clip,
-                         var_mode=T.VAR_MODES[variance_type] if learned else T.VAR_FIXED)
-
-
 # ------------------------------------------------------------------------------------------------ CUDA graphs
 class _CudaGraph:
     """One captured sampler step: warm-up on a side stream (on a scratch copy of the chunk, so the state is not

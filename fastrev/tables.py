@@ -23,7 +23,7 @@ from .reference import PREDICTION_TYPES, VARIANCE_TYPES
 from .schedule import Schedule
 
 __all__ = ["NCOL", "COL", "VAR_MODES", "x0_coefficients", "eps_coefficients", "ddpm_table", "ddim_table",
-           "finish_table", "device_table", "apply_table", "VAR_FIXED", "VAR_LOG", "VAR_RANGE", "VAR_LINEAR"]
+           "finish_table", "device_table", "apply_table", "eps_linear", "VAR_FIXED", "VAR_LOG", "VAR_RANGE", "VAR_LINEAR"]
 
 COL = dict(A=0, B=1, C0=2, C1=3, C2=4, SIGMA=5, LOG_LO=6, LOG_HI=7, CLIP=8, D=9)
 NCOL = 10
@@ -54,6 +54,17 @@ def eps_coefficients(schedule: Schedule, prediction_type: str):
     if prediction_type == "v_prediction":
         return s.sqrt_one_minus_alpha_bars, s.sqrt_alpha_bars
     raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+
+
+def eps_linear(schedule: Schedule, prediction_type: str, clipped: bool):
+    """(Kx, K0, Ko), float64 [T]: ε̂ = Kx·x_t + K0·x̂₀ + Ko·out — from the raw output (:func:`eps_coefficients`), or
+    re-derived from the clipped x̂₀ when ``clipped``: ε̂ = (x_t − √ᾱ x̂₀)/√(1 − ᾱ)."""
+    s = schedule
+    if clipped:
+        r = 1.0 / s.sqrt_one_minus_alpha_bars
+        return r, -s.sqrt_alpha_bars * r, torch.zeros_like(r)
+    Ex, Eo = eps_coefficients(s, prediction_type)
+    return Ex, torch.zeros_like(Ex), Eo
 
 
 def finish_table(A, B, C0, C1, C2, sigma, *, clip: bool, clip_range: float = 1.0, log_lo=None, log_hi=None,
@@ -100,12 +111,8 @@ def ddim_table(schedule: Schedule, prediction_type="epsilon", eta=0.0, clip=Fals
     if (d2 < -1e-12).any():
         raise ValueError(f"eta={eta} makes 1 − ᾱ_prev − σ² negative (DDIM needs 0 <= eta <= 1 here)")
     d = torch.sqrt(d2.clamp_min(0))
-    if clip and use_clipped_model_output:
-        r = 1.0 / s.sqrt_one_minus_alpha_bars            # ε̂ = (x − √ᾱ x̂₀)/√(1 − ᾱ)
-        C0, C1, C2 = s.sqrt_alpha_bars_prev - d * s.sqrt_alpha_bars * r, d * r, torch.zeros_like(A)
-    else:
-        Ex, Eo = eps_coefficients(s, prediction_type)
-        C0, C1, C2 = s.sqrt_alpha_bars_prev, d * Ex, d * Eo
+    Kx, K0, Ko = eps_linear(s, prediction_type, clip and use_clipped_model_output)
+    C0, C1, C2 = s.sqrt_alpha_bars_prev + d * K0, d * Kx, d * Ko
     return finish_table(A, B, C0, C1, C2, sigma, clip=clip, clip_range=clip_range)
 
 
