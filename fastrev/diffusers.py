@@ -353,6 +353,10 @@ class _FastSchedulerBase:
         if out_part.shape != sample.shape:
             raise ValueError(f"model_output must have the sample's shape {tuple(sample.shape)}, got "
                              f"{tuple(model_output.shape)}")
+        if sample.dtype != model_output.dtype and sample.dtype.is_floating_point and \
+                model_output.dtype.is_floating_point:
+            # diffusers' arithmetic promotes (fp16 sample + fp32 output → fp32 results): so do the outputs here
+            sample = sample.to(torch.promote_types(sample.dtype, model_output.dtype))
         device, B, N = sample.device, sample.shape[0], self.config.num_train_timesteps
         t = _ops.resolve_timestep(timestep, B, N, device)
 

@@ -9,7 +9,8 @@ The normal number for element ``e`` (flattened, per sample) of sample ``i`` at s
     z[i, t, e] = n_{e % 4}
 
 so it depends only on (seed, sample index, step, element): never on how a batch is split, on the number of GPUs or
-on the backend. ``x_T`` of a sampling run uses step ``t = num_timesteps``.
+on the backend. ``x_T`` of a sampling run uses step ``t = num_timesteps``. Counter words are 32-bit: sample
+indices and steps are taken mod 2³² (samples i and i + 2³² share noise), and one sample may hold up to 2³⁴ elements.
 
 Everything here is plain int64 / float32 torch arithmetic, so it runs on any device and gives the same uint32 words
 everywhere; the float32 normals agree with the kernel's to a few ulp (libm vs. libdevice ``log``/``cos``).

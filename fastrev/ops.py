@@ -357,7 +357,7 @@ def _threshold_scale(table, t, x, out, ratio, max_value):
     x0 = (a * x.float() + b * out.float()).reshape(B, -1)
     if x0.shape[1] == 0:
         return torch.ones(B, dtype=torch.float32, device=x.device)
-    return torch.quantile(x0.abs(), ratio, dim=1).clamp(min=1.0, max=max_value).contiguous()
+    return R.per_sample_quantile(x0.abs(), ratio).clamp(min=1.0, max=max_value).float().contiguous()
 
 
 def _reference_step(kind, model_output, t, sample, schedule, prediction_type, variance_type, clip_sample,

@@ -15,7 +15,7 @@ __all__ = [
     "PREDICTION_TYPES", "VARIANCE_TYPES",
     "compute_posterior_params", "reverse_mean_from_noise",
     "predict_x0_from_eps", "predict_x0_from_v", "predict_x0", "predict_eps_from_x0", "predict_eps",
-    "reverse_mean", "posterior_log_variance", "clip_x0", "dynamic_threshold",
+    "reverse_mean", "posterior_log_variance", "clip_x0", "dynamic_threshold", "per_sample_quantile",
     "ddim_sigma", "ddim_step", "ddpm_step",
     "score_from_eps", "eps_from_score", "vp_sde_drift", "euler_maruyama_step", "langevin_step",
     "probability_flow_drift",
@@ -149,6 +149,23 @@ def clip_x0(x0, clip_range=1.0):
     return x0.clamp(-clip_range, clip_range)
 
 
+_QUANTILE_MAX = 2**24       # torch.quantile refuses larger inputs ("input tensor is too large")
+
+
+def per_sample_quantile(x2d, q):
+    """torch.quantile(x2d, q, dim=1) (linear interpolation) for [B, n], without torch.quantile's 2²⁴-element limit
+    (two kthvalue selections and a lerp past it)."""
+    n = x2d.shape[1]
+    if n <= _QUANTILE_MAX:
+        return torch.quantile(x2d, q, dim=1)
+    pos = q * (n - 1)
+    lo = int(pos)
+    hi = min(lo + 1, n - 1)
+    v_lo = x2d.kthvalue(lo + 1, dim=1).values
+    v_hi = x2d.kthvalue(hi + 1, dim=1).values
+    return torch.lerp(v_lo, v_hi, pos - lo)
+
+
 def dynamic_threshold(x0, ratio=0.995, max_value=1.0):
     """Imagen's dynamic thresholding, diffusers ``_threshold_sample`` semantics: per sample
     s = clamp(quantile(|x̂₀| flattened, ratio), 1, max_value); x̂₀ ← clamp(x̂₀, −s, s) / s.
@@ -157,7 +174,7 @@ def dynamic_threshold(x0, ratio=0.995, max_value=1.0):
     x = x0 if dtype in (torch.float32, torch.float64) else x0.float()
     B = x.shape[0]
     flat = x.reshape(B, -1)
-    s = torch.quantile(flat.abs(), ratio, dim=1).clamp(min=1.0, max=max_value)
+    s = per_sample_quantile(flat.abs(), ratio).clamp(min=1.0, max=max_value)
     s = s.reshape((B,) + (1,) * (x.dim() - 1))
     return (torch.clamp(x, -s, s) / s).to(dtype)
 

@@ -546,6 +546,9 @@ def _validate(model, sample_shape, schedule, *, method, num_steps, timestep_spac
         raise ValueError(f"eta only applies to method='ddim', got eta={eta} with method={method!r}")
     _choice("prediction_type", prediction_type, PREDICTION_TYPES)
     _choice("variance_type", variance_type, VARIANCE_TYPES)
+    if variance_type == "fixed_large" and method != "ddpm":
+        raise ValueError(f"variance_type='fixed_large' only applies to method='ddpm' (the other methods fix their own "
+                         f"noise), got method={method!r}")
     _flag("clip_sample", clip_sample)
     _flag("progress", progress)
     _flag("cuda_graph", cuda_graph)

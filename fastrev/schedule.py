@@ -67,6 +67,10 @@ class Schedule:
             alpha_bars = _as_f64(alpha_bars, "alpha_bars")
             if alpha_bars.numel() != n:
                 raise ValueError(f"alpha_bars must have {n} entries like betas, got {alpha_bars.numel()}")
+            if not torch.isfinite(alpha_bars).all() or (alpha_bars < 0).any() or (alpha_bars >= 1).any():
+                raise ValueError("alpha_bars must be finite and in [0, 1)")
+            if (alpha_bars[1:] > alpha_bars[:-1]).any():
+                raise ValueError("alpha_bars must be non-increasing (ᾱ_t = Π α_s)")
         if timesteps is None:
             timesteps = torch.arange(n, dtype=torch.int64)
         else:
@@ -252,6 +256,8 @@ def spaced_timesteps(num_train_timesteps: int, n: int | None, spacing: str = "le
     """
     _check_count(num_train_timesteps)
     N = int(num_train_timesteps)
+    if isinstance(steps_offset, bool) or not isinstance(steps_offset, (int, np.integer)):
+        raise TypeError(f"steps_offset must be an int, got {steps_offset!r}")
     if not isinstance(spacing, str):
         raise TypeError(f"spacing must be a str, got {type(spacing).__name__}")
     if spacing in TIMESTEP_SPACINGS:

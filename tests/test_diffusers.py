@@ -870,3 +870,19 @@ def test_learned_variance_at_t0_ignores_negative_channels(backend):
     b = fast.step(out, 0, x, variance_noise=torch.randn_like(x)).prev_sample
     assert torch.isfinite(b).all()
     torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+
+
+def test_mixed_dtypes_promote_like_diffusers():
+    """Regression (review): fp16 sample + fp32 model output gives fp32 outputs in diffusers."""
+    ref, fast = DDPMScheduler(), FastDDPMScheduler()
+    ref.set_timesteps(10)
+    fast.set_timesteps(10)
+    x = torch.randn(2, 3, 4, 4).half()
+    out = torch.randn(2, 3, 4, 4)
+    g = torch.Generator().manual_seed(0)
+    a = ref.step(out, 500, x, generator=torch.Generator().manual_seed(0))
+    b = fast.step(out, 500, x, generator=g)
+    assert a.prev_sample.dtype == b.prev_sample.dtype == torch.float32
+    assert a.pred_original_sample.dtype == b.pred_original_sample.dtype
+    # diffusers multiplies the fp16 sample by a 0-dim fp32 coefficient in fp16: agreement to fp16 rounding
+    torch.testing.assert_close(b.prev_sample, a.prev_sample, rtol=2e-3, atol=2e-3)

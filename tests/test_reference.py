@@ -166,3 +166,22 @@ def test_property_means_agree(betas, seed, pred):
     scale = 1 + xt.abs().max().item() / s.sqrt_alpha_bars[t].min().item()
     assert (mu - mu_true).abs().max().item() <= 1e-9 * scale
     assert (var <= s.betas[t] * (1 + 1e-12)).all()
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 1000])
+@pytest.mark.parametrize("q", [0.0, 0.5, 0.9, 0.995, 1.0])
+def test_large_sample_quantile_path_equals_torch_quantile(monkeypatch, n, q):
+    """Past 2²⁴ elements per sample dynamic thresholding takes a kthvalue path: the same numbers (forced here)."""
+    x = torch.randn(3, n, dtype=f64)
+    want = torch.quantile(x, q, dim=1)
+    monkeypatch.setattr(R, "_QUANTILE_MAX", 0)
+    torch.testing.assert_close(R.per_sample_quantile(x, q), want, rtol=1e-12, atol=1e-12)
+
+
+def test_variance_type_fixed_large_only_for_ddpm():
+    import fastrev
+    from fastrev.models import GaussianMixture
+
+    gm = GaussianMixture.demo_2d()
+    with pytest.raises(ValueError, match="fixed_large"):
+        fastrev.sample(gm, (2, 2), gm.schedule, method="ddim", variance_type="fixed_large", num_steps=3)

@@ -165,3 +165,15 @@ def test_schedule_properties(betas):
     assert (s.posterior_variance <= s.betas * (1 + 1e-12)).all()
     assert (s.alpha_bars[1:] <= s.alpha_bars[:-1]).all()
     np.testing.assert_allclose(s.alpha_bars.numpy(), np.cumprod(1 - np.asarray(betas)), rtol=1e-12)
+
+
+@pytest.mark.parametrize("abar, msg", [([0.9, 0.95], "non-increasing"), ([0.9, float("nan")], "finite"),
+                                       ([1.0, 0.5], r"\[0, 1\)"), ([0.5, -0.1], r"\[0, 1\)")])
+def test_bad_alpha_bars(abar, msg):
+    with pytest.raises(ValueError, match=msg):
+        Schedule([0.1, 0.1], alpha_bars=abar)
+
+
+def test_bad_steps_offset():
+    with pytest.raises(TypeError, match="steps_offset"):
+        spaced_timesteps(1000, 10, "leading", steps_offset=2.7)
