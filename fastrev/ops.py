@@ -122,6 +122,23 @@ def resolve_backend(backend: str, device, *, any_f64: bool = False, needs_grad: 
     return "reference" if needs_grad else "triton"
 
 
+_SEEDS: dict = {}
+
+
+def _int_seed(seed, device) -> torch.Tensor:
+    """An int seed as a device tensor, cached (never written): a loop passing ``seed=0`` does not pay a host-to-device
+    copy per step. Pass an int64 device tensor to change the seed inside a captured CUDA graph."""
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        return _noise.as_seed_tensor(seed, device)          # raises the clear TypeError
+    key = (seed, torch.device(device))
+    t = _SEEDS.get(key)
+    if t is None:
+        if len(_SEEDS) > 4096:
+            _SEEDS.clear()
+        t = _SEEDS[key] = _noise.as_seed_tensor(seed, device)
+    return t
+
+
 def _check_not_terminal(timestep, t, last):
     """Zero-terminal-SNR schedules have ᾱ = 0 at the last step, where x̂₀ = (x − ε)/√ᾱ is undefined for
     ε-prediction (checked where the timestep is known on the host, or with device checks on)."""
@@ -234,8 +251,10 @@ def _step(kind, model_output, timestep, sample, schedule, *, prediction_type, va
     if stochastic and noise is None:
         if seed is None:
             seed_t = draw_seed(generator, device)
-        else:
+        elif isinstance(seed, torch.Tensor):
             seed_t = _noise.as_seed_tensor(seed, device)
+        else:
+            seed_t = _int_seed(seed, device)
 
     if backend == "reference":
         prev, x0 = _reference_step(kind, model_output, t, sample, schedule, prediction_type, variance_type,
