@@ -955,111 +955,132 @@ def main(argv=None) -> int:
     copy = measure_copy(device, timing=timing)
     print(f"copy ceiling: {copy['copy_gbps']:.1f} GB/s", flush=True)
     results, skipped = [], []
-
-    def over_budget():
-        return args.budget_s is not None and time.perf_counter() - t_start > args.budget_s
-
-    check = {}
-    if not args.no_check:
-        for b in benches:
-            if b in STEP_BENCHES and "fastrev" in providers:
-                try:
-                    check[b] = _check_agreement(b, device, [p for p in providers if p != "compile"])
-                except Exception as e:   # fastrev itself failed: the timing pass reports it per case
-                    check[b] = {"fastrev": f"failed: {type(e).__name__}: {str(e)[:200]}"}
-                    print(f"  check {b}: fastrev FAILED {type(e).__name__}: {e}", flush=True)
-                    continue
-                bad = {p: e for p, e in check[b].items() if not isinstance(e, float) or e > 1e-3}
-                if bad:
-                    print(f"WARNING: providers disagree with fastrev on {b}: {bad}", flush=True)
-
-    if "loop" in benches:
-        floors = {}
-        for lp in loop_providers:
-            key = dict(bench="loop", shape=shape_label(loop_shape), dtype="float32", provider=lp)
-            if over_budget():
-                skipped.append(dict(key, reason="time budget"))
-                continue
-            try:
-                lc = make_loop(lp, loop_shape, device, args.loop_steps)
-                m = measure_loop(lc, timing)
-            except Unavailable as e:
-                skipped.append(dict(key, reason=str(e)))
-                continue
-            except Exception as e:
-                skipped.append(dict(key, reason=f"failed: {type(e).__name__}: {str(e)[:200]}"))
-                print(f"  loop {lp}: FAILED {type(e).__name__}: {e}", flush=True)
-                continue
-            finally:
-                lc = None
-                gc.collect()
-            r = dict(key, median_us=m["median_us"], gbps=None, steps=args.loop_steps, per_step_us=m["per_step_us"])
-            if lp.startswith("model"):
-                floors["+graph" if lp.endswith("+graph") else ""] = m["median_us"]
-            results.append(r)
-            print(f"  loop {lp:14s} {m['median_us'] / 1e3:9.2f} ms  {m['per_step_us']:8.1f} us/step", flush=True)
-        for r in results:
-            if r["bench"] == "loop" and not r["provider"].startswith("model"):
-                floor = floors.get("+graph" if r["provider"].endswith("+graph") else "")
-                if floor is not None:
-                    r["overhead_us_per_step"] = (r["median_us"] - floor) / r["steps"]
-
-    # every provider but compile first (all dtypes), then the compile cases (their warm-ups are the long part):
-    # when --budget-s runs out, what is lost is compile cases, not whole dtypes
-    plan_cases = [(dtype, b, shape, p)
-                  for phase in ([p for p in providers if p != "compile"], [p for p in providers if p == "compile"])
-                  for dtype in dtypes for b in benches if b in STEP_BENCHES for shape in shapes for p in phase]
-    for dtype, b, shape, p in plan_cases:
-        key = dict(bench=b, shape=shape_label(shape), dtype=dtype, provider=p)
-        if p == "compile" and compile_shapes and shape not in compile_shapes:
-            skipped.append(dict(key, reason="compile restricted to " +
-                                ",".join(shape_label(s) for s in compile_shapes)))
-            continue
-        if over_budget():
-            skipped.append(dict(key, reason="time budget"))
-            continue
-        try:
-            m = run_step_case(b, shape, dtype, p, device, timing)
-        except Unavailable as e:
-            skipped.append(dict(key, reason=str(e)))
-            continue
-        except Exception as e:   # a provider that fails here is reported, the run goes on
-            skipped.append(dict(key, reason=f"failed: {type(e).__name__}: {str(e)[:200]}"))
-            print(f"  {b} {key['shape']} {dtype} {p}: FAILED {type(e).__name__}: {e}", flush=True)
-            continue
-        nbytes = bytes_moved(b, shape, dtype)
-        r = dict(key, median_us=m["median_us"], gbps=nbytes / (m["median_us"] * 1e-6) / 1e9,
-                 wall_us=m["wall_us"], bytes=nbytes)
-        for extra in ("reps", "compile_s", "input_sets"):
-            if m.get(extra) is not None:
-                r[extra] = m[extra]
-        results.append(r)
-        print(f"  {b:18s} {key['shape']:>12s} {dtype:8s} {p:9s} {m['median_us']:11.1f} us "
-              f"{r['gbps']:8.1f} GB/s  (wall {m['wall_us']:.1f} us"
-              + (f", compile {m['compile_s']:.1f} s" if m.get("compile_s") is not None else "") + ")",
-              flush=True)
-
-    _derive(results, copy["copy_gbps"])
-    doc = {"device": env["device"], "torch": env["torch"], "triton": env["triton"], "date": env["date"],
-           "copy_gbps": copy["copy_gbps"], "results": results,
-           "device_name": env["device_name"], "python": env["python"], "threads": env["threads"],
-           "cpus": env["cpus"], "loadavg_start": env["loadavg"],
-           "loadavg_end": [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None,
-           "copy_bytes": copy["copy_bytes"], "bytes_note": BYTES_NOTE,
-           "works": {b: WORKS[b].what for b in STEP_BENCHES if b in benches},
-           "bytes_per_elem": {b: {d: WORKS[b].bytes_per_elem(d) for d in dtypes} for b in STEP_BENCHES
-                              if b in benches},
-           "plan": {"quick": args.quick, "shapes": [shape_label(s) for s in shapes], "dtypes": dtypes,
-                    "providers": providers, "loop_providers": loop_providers, "loop_shape": shape_label(loop_shape),
-                    "compile_shapes": [shape_label(s) for s in compile_shapes] if compile_shapes else None},
-           "notes": notes, "skipped": skipped, "check": check,
-           "elapsed_s": time.perf_counter() - t_start}
-
     root = _repo_root()
     out_dir = Path(args.out_dir) if args.out_dir else (root / "bench" / "results" if root else Path.cwd())
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = f"{env['device']}-{env['date'][:10]}"
     json_path = Path(args.json) if args.json else out_dir / f"{stem}.json"
+
+    def build_doc():
+        return {"device": env["device"], "torch": env["torch"], "triton": env["triton"], "date": env["date"],
+                "copy_gbps": copy["copy_gbps"], "results": results,
+                "device_name": env["device_name"], "python": env["python"], "threads": env["threads"],
+                "cpus": env["cpus"], "loadavg_start": env["loadavg"],
+                "loadavg_end": [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None,
+                "copy_bytes": copy["copy_bytes"], "bytes_note": BYTES_NOTE,
+                "works": {b: WORKS[b].what for b in STEP_BENCHES if b in benches},
+                "bytes_per_elem": {b: {d: WORKS[b].bytes_per_elem(d) for d in dtypes} for b in STEP_BENCHES
+                                   if b in benches},
+                "plan": {"quick": args.quick, "shapes": [shape_label(s) for s in shapes], "dtypes": dtypes,
+                         "providers": providers, "loop_providers": loop_providers,
+                         "loop_shape": shape_label(loop_shape),
+                         "compile_shapes": [shape_label(s) for s in compile_shapes] if compile_shapes else None},
+                "notes": notes, "skipped": skipped, "check": check,
+                "elapsed_s": time.perf_counter() - t_start}
+
+    def checkpoint():
+        """Rewrite the JSON after every case (marked partial), so that a run cut off by a time limit keeps what it
+        measured; the final write below replaces it."""
+        d = dict(build_doc(), partial=True)
+        tmp = json_path.with_name(json_path.name + ".tmp")
+        tmp.write_text(json.dumps(d, indent=1, default=str) + "\n")
+        tmp.replace(json_path)
+
+    def over_budget():
+        return args.budget_s is not None and time.perf_counter() - t_start > args.budget_s
+
+    check = {}
+
+    def _run_cases():
+        if not args.no_check:
+            for b in benches:
+                if b in STEP_BENCHES and "fastrev" in providers:
+                    try:
+                        check[b] = _check_agreement(b, device, [p for p in providers if p != "compile"])
+                    except Exception as e:   # fastrev itself failed: the timing pass reports it per case
+                        check[b] = {"fastrev": f"failed: {type(e).__name__}: {str(e)[:200]}"}
+                        print(f"  check {b}: fastrev FAILED {type(e).__name__}: {e}", flush=True)
+                        continue
+                    bad = {p: e for p, e in check[b].items() if not isinstance(e, float) or e > 1e-3}
+                    if bad:
+                        print(f"WARNING: providers disagree with fastrev on {b}: {bad}", flush=True)
+
+        if "loop" in benches:
+            floors = {}
+            for lp in loop_providers:
+                key = dict(bench="loop", shape=shape_label(loop_shape), dtype="float32", provider=lp)
+                if over_budget():
+                    skipped.append(dict(key, reason="time budget"))
+                    continue
+                try:
+                    lc = make_loop(lp, loop_shape, device, args.loop_steps)
+                    m = measure_loop(lc, timing)
+                except Unavailable as e:
+                    skipped.append(dict(key, reason=str(e)))
+                    continue
+                except Exception as e:
+                    skipped.append(dict(key, reason=f"failed: {type(e).__name__}: {str(e)[:200]}"))
+                    print(f"  loop {lp}: FAILED {type(e).__name__}: {e}", flush=True)
+                    continue
+                finally:
+                    lc = None
+                    gc.collect()
+                r = dict(key, median_us=m["median_us"], gbps=None, steps=args.loop_steps, per_step_us=m["per_step_us"])
+                if lp.startswith("model"):
+                    floors["+graph" if lp.endswith("+graph") else ""] = m["median_us"]
+                results.append(r)
+                checkpoint()
+                print(f"  loop {lp:14s} {m['median_us'] / 1e3:9.2f} ms  {m['per_step_us']:8.1f} us/step", flush=True)
+            for r in results:
+                if r["bench"] == "loop" and not r["provider"].startswith("model"):
+                    floor = floors.get("+graph" if r["provider"].endswith("+graph") else "")
+                    if floor is not None:
+                        r["overhead_us_per_step"] = (r["median_us"] - floor) / r["steps"]
+
+        # every provider but compile first (all dtypes), then the compile cases (their warm-ups are the long part):
+        # when --budget-s runs out, what is lost is compile cases, not whole dtypes
+        plan_cases = [(dtype, b, shape, p)
+                      for phase in ([p for p in providers if p != "compile"], [p for p in providers if p == "compile"])
+                      for dtype in dtypes for b in benches if b in STEP_BENCHES for shape in shapes for p in phase]
+        for dtype, b, shape, p in plan_cases:
+            key = dict(bench=b, shape=shape_label(shape), dtype=dtype, provider=p)
+            if p == "compile" and compile_shapes and shape not in compile_shapes:
+                skipped.append(dict(key, reason="compile restricted to " +
+                                    ",".join(shape_label(s) for s in compile_shapes)))
+                continue
+            if over_budget():
+                skipped.append(dict(key, reason="time budget"))
+                continue
+            try:
+                m = run_step_case(b, shape, dtype, p, device, timing)
+            except Unavailable as e:
+                skipped.append(dict(key, reason=str(e)))
+                continue
+            except Exception as e:   # a provider that fails here is reported, the run goes on
+                skipped.append(dict(key, reason=f"failed: {type(e).__name__}: {str(e)[:200]}"))
+                print(f"  {b} {key['shape']} {dtype} {p}: FAILED {type(e).__name__}: {e}", flush=True)
+                continue
+            nbytes = bytes_moved(b, shape, dtype)
+            r = dict(key, median_us=m["median_us"], gbps=nbytes / (m["median_us"] * 1e-6) / 1e9,
+                     wall_us=m["wall_us"], bytes=nbytes)
+            for extra in ("reps", "compile_s", "input_sets"):
+                if m.get(extra) is not None:
+                    r[extra] = m[extra]
+            results.append(r)
+            checkpoint()
+            print(f"  {b:18s} {key['shape']:>12s} {dtype:8s} {p:9s} {m['median_us']:11.1f} us "
+                  f"{r['gbps']:8.1f} GB/s  (wall {m['wall_us']:.1f} us"
+                  + (f", compile {m['compile_s']:.1f} s" if m.get("compile_s") is not None else "") + ")",
+                  flush=True)
+
+    try:
+        _run_cases()
+    except KeyboardInterrupt:          # gpu_check.sh's timeout sends SIGINT: keep and write what was measured
+        notes.append("interrupted (SIGINT / time limit): the cases not reached are missing")
+        print("interrupted: writing what was measured", flush=True)
+
+    _derive(results, copy["copy_gbps"])
+    doc = build_doc()
     if not args.no_plot:
         png = plot(doc, out_dir / f"{stem}.png")
         doc["plot"] = png.name if png else None

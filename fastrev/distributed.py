@@ -95,6 +95,8 @@ def sample(model, shape, schedule, *, shard_dir: Optional[str | os.PathLike] = N
         rank, world = dist.get_rank(), dist.get_world_size()
     device = kwargs.pop("device", None)
     device = torch.device(device) if device is not None else _default_device(local)
+    if device.type == "cuda" and device.index is None:          # "cuda" (e.g. --device cuda): this rank's GPU
+        device = torch.device("cuda", local % torch.cuda.device_count())
     if device.type == "cuda":
         torch.cuda.set_device(device)        # this rank's GPU is the current one (Triton launches on the current)
     if world > 1:

@@ -92,6 +92,8 @@ def resolve_timestep(timestep, B: int, num_timesteps: int, device) -> torch.Tens
         lo, hi = int(timestep.min()), int(timestep.max())
         if lo < 0 or hi >= num_timesteps:
             raise ValueError(f"timestep must be in [0, {num_timesteps}), got values in [{lo}, {hi}]")
+    if timestep.device.type == "cpu" and torch.device(device).type == "cuda":
+        _check_not_capturing("a CPU timestep tensor (a host-to-device copy)")
     t = timestep.to(device=device, dtype=torch.int64, non_blocking=True)
     return t.reshape(-1).expand(B).contiguous() if t.numel() != B or t.dim() != 1 else t.contiguous()
 
@@ -132,11 +134,16 @@ def _int_seed(seed, device) -> torch.Tensor:
         return _noise.as_seed_tensor(seed, device)          # raises the clear TypeError
     key = (seed, torch.device(device))
     t = _SEEDS.get(key)
-    if t is None:
-        if len(_SEEDS) > 4096:
-            _SEEDS.clear()
+    if t is None:              # never evicted (8 bytes each): a captured graph may still read it
+        _check_not_capturing("an int seed seen for the first time (a host-to-device copy)")
         t = _SEEDS[key] = _noise.as_seed_tensor(seed, device)
     return t
+
+
+def _check_not_capturing(what: str) -> None:
+    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        raise ValueError(f"cannot capture a step in a CUDA graph with {what}: pass seed= (and timestep=) as int64 "
+                         "device tensors, run the step once before capturing, and update them between replays")
 
 
 def _check_not_terminal(timestep, t, last):
@@ -250,6 +257,8 @@ def _step(kind, model_output, timestep, sample, schedule, *, prediction_type, va
     seed_t = None
     if stochastic and noise is None:
         if seed is None:
+            if device.type == "cuda":
+                _check_not_capturing("no seed (a seed drawn from a generator would be frozen into the graph)")
             seed_t = draw_seed(generator, device)
         elif isinstance(seed, torch.Tensor):
             seed_t = _noise.as_seed_tensor(seed, device)
