@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from typing import NamedTuple, Optional
 
+import numpy as np
 import torch
 
 from . import noise as _noise
@@ -76,12 +77,8 @@ def resolve_timestep(timestep, B: int, num_timesteps: int, device) -> torch.Tens
             raise ValueError(f"timestep must be in [0, {num_timesteps}), got {timestep}")
         return torch.full((B,), timestep, dtype=torch.int64, device=device)
     if not isinstance(timestep, torch.Tensor):
-        try:
-            import numpy as np
-            if isinstance(timestep, np.integer):
-                return resolve_timestep(int(timestep), B, num_timesteps, device)
-        except ImportError:  # pragma: no cover
-            pass
+        if isinstance(timestep, np.integer):
+            return resolve_timestep(int(timestep), B, num_timesteps, device)
         raise TypeError(f"timestep must be an int or an integer tensor, got {type(timestep).__name__}")
     if timestep.dtype.is_floating_point or timestep.dtype.is_complex or timestep.dtype == torch.bool:
         raise TypeError(f"timestep must have an integer dtype, got {timestep.dtype}")
