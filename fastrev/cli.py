@@ -11,23 +11,80 @@ from __future__ import annotations
 
 import argparse
 import os
+import pathlib
 import sys
 import time
 
 import torch
+
+from . import __version__
+from .ops import BACKENDS  # --backend accepts the library's one vocabulary
 
 # steps per method in the demo: about 100 model evaluations each (Heun costs 2N − 1, PC with one corrector step 2N)
 DEMO_STEPS = {"ddpm": 100, "ddim": 100, "sde": 100, "ode": 50, "pc": 50}
 DEMO_MODELS = ("gmm",)
 
 
-def _device(name):
+class CliError(Exception):
+    """A command line that cannot work, found before any sampling starts: ``main`` prints it as one line
+    (``fastrev <command>: <message>``) on stderr and returns 2, without a traceback."""
+
+
+def _device(name) -> torch.device:
+    """``--device`` as a torch.device that exists on this machine (default: cuda if available, else cpu)."""
     if name in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        return torch.device(name)
-    except (RuntimeError, TypeError):
-        raise SystemExit(f"fastrev: --device must be a device like 'cuda' or 'cpu', got {name!r}") from None
+        device = torch.device(name)
+    except RuntimeError:
+        raise CliError(f"--device must be a device like 'cpu', 'cuda' or 'cuda:1', got {name!r}") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch is built without CUDA" if torch.version.cuda is None else "no CUDA device is visible"
+            raise CliError(f"--device {name}: CUDA is not available ({why}); use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise CliError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise CliError(f"--device {name}: MPS is not available in this torch build or on this machine; "
+                           f"use --device cpu")
+    elif device.type != "cpu":
+        module = getattr(torch, device.type, None)
+        if module is None or not getattr(module, "is_available", lambda: False)():
+            raise CliError(f"--device {name}: no {device.type!r} device is available; use --device cpu or cuda")
+    return device
+
+
+def _check_backend(backend: str, device: torch.device) -> None:
+    """``--backend`` can run on ``device`` (the library's own rule, fastrev.ops.resolve_backend)."""
+    from .ops import resolve_backend
+    try:
+        resolve_backend(backend, device)
+    except (RuntimeError, ValueError, TypeError):
+        if backend == "triton" and device.type == "cpu":
+            raise CliError("--backend triton needs a CUDA device, or on CPU the Triton interpreter "
+                           "(TRITON_INTERPRET=1 in the environment); use --backend auto, torch or reference "
+                           "on CPU") from None
+        raise CliError(f"--backend {backend} cannot run on --device {device}; use --backend auto") from None
+
+
+def _check_writable(option: str, path) -> None:
+    """``path`` can be written (a file in an existing folder): checked before sampling, so a run is not lost to a
+    typo at the very end. Probes by opening for append (an existing file is left unchanged, a new one removed)."""
+    p = pathlib.Path(path)
+    if p.is_dir():
+        raise CliError(f"{option} {path}: is a folder, expected a file name")
+    if not p.parent.is_dir():
+        raise CliError(f"{option} {path}: the folder {str(p.parent)!r} does not exist")
+    existed = p.exists()
+    try:
+        with open(p, "ab"):
+            pass
+    except OSError as e:
+        raise CliError(f"{option} {path}: cannot write there ({e.strerror or e})") from None
+    if not existed:
+        p.unlink(missing_ok=True)
 
 
 def _nfe(method, steps, corrector_steps=1, ode_solver="heun"):
@@ -95,7 +152,7 @@ def _plot(path, gmm, panels, title=None) -> bool:
     logp = gmm.log_prob(torch.stack([gx.reshape(-1), gy.reshape(-1)], dim=1)).reshape(gx.shape)
     dens = logp.clamp(min=-8.0)                     # log density: the tails of the mixture stay visible
     fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.4), squeeze=False)
-    for ax, (name, pts) in zip(axes[0], panels):
+    for ax, (name, pts) in zip(axes[0], panels, strict=True):
         ax.contourf(gx.numpy(), gy.numpy(), dens.numpy(), levels=16, cmap="Blues")
         p = pts.detach().to("cpu", torch.float64)[:2000]
         ax.scatter(p[:, 0].numpy(), p[:, 1].numpy(), s=2, c="tab:red", alpha=0.5, linewidths=0)
@@ -120,6 +177,8 @@ def _cmd_demo(args) -> int:
     from .schedule import Schedule
 
     device = _device(args.device)
+    if not args.no_plot:
+        _check_writable("--png", args.png)
     schedule = Schedule.linear()
     gmm = GaussianMixture.demo_2d(schedule)
     n = args.num_samples
@@ -172,6 +231,10 @@ def _cmd_sample(args) -> int:
     from .schedule import Schedule
 
     device = _device(args.device)
+    _check_backend(args.backend, device)
+    _check_writable("--out", args.out)
+    if args.plot:
+        _check_writable("--plot", args.plot)
     schedule = Schedule.linear()
     gmm = GaussianMixture.demo_2d(schedule)
     steps = args.num_steps or DEMO_STEPS[args.method]
@@ -216,17 +279,11 @@ def _cmd_sample(args) -> int:
 
 def _cmd_selfcheck(args) -> int:
     from .selfcheck import selfcheck
-    return selfcheck(device=args.device)
+    return selfcheck(device=_device(args.device))
 
 
 def _cmd_bench(argv) -> int:
-    try:
-        from . import bench
-    except ModuleNotFoundError as e:
-        if e.name in ("fastrev.bench", __package__ + ".bench"):
-            print("fastrev bench: fastrev.bench is not available in this installation", file=sys.stderr)
-            return 2
-        raise
+    from . import bench
     return int(bench.main(list(argv)) or 0)
 
 
@@ -241,10 +298,11 @@ def _positive_int(s):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .samplers import METHODS, SAMPLER_BACKENDS
+    from .samplers import METHODS
 
     parser = argparse.ArgumentParser(prog="fastrev", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"fastrev {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("demo", help="sample a 2-D Gaussian mixture with every method; table and PNG")
@@ -269,7 +327,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=_positive_int, default=None)
     p.add_argument("--device", default=None)
-    p.add_argument("--backend", choices=SAMPLER_BACKENDS, default="auto")
+    p.add_argument("--backend", choices=BACKENDS, default="auto",
+                   help="auto: the fused kernel on CUDA, a torch path elsewhere; triton: the fused kernel; torch: "
+                        "float32 eager torch; reference: the float64 oracle (default: %(default)s)")
     p.add_argument("--progress", action="store_true")
     p.add_argument("--cuda-graph", action="store_true")
     p.add_argument("--out", required=True, help="FILE.pt: the samples tensor (torch.save)")
@@ -291,7 +351,11 @@ def main(argv=None) -> int:
     if argv and argv[0] == "bench":
         return _cmd_bench(argv[1:])
     args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except CliError as e:
+        print(f"fastrev {args.command}: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":  # pragma: no cover

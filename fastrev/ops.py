@@ -41,7 +41,7 @@ def _check_choice(name, value, choices):
         raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
 
 
-def _check_float_tensor(name, x, allow_f64=True):
+def _check_float_tensor(name, x):
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in _FLOATS:

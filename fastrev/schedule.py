@@ -11,12 +11,11 @@ Every table is a float64 CPU tensor indexed by the *schedule index* t ∈ [0, nu
 from __future__ import annotations
 
 import math
-from typing import Sequence
 
 import numpy as np
 import torch
 
-__all__ = ["Schedule", "spaced_timesteps", "TIMESTEP_SPACINGS"]
+__all__ = ["Schedule", "spaced_timesteps", "check_timestep_spacing", "TIMESTEP_SPACINGS"]
 
 TIMESTEP_SPACINGS = ("linspace", "leading", "trailing")
 
@@ -242,6 +241,18 @@ def _section_steps(num_timesteps: int, spec: str) -> list[int]:
     return sorted(set(steps))
 
 
+def check_timestep_spacing(spacing) -> str:
+    """``spacing`` if :func:`spaced_timesteps` accepts its form — one of :data:`TIMESTEP_SPACINGS` or an
+    improved-diffusion section string (``"ddim50"``, ``"10,15,20"``) — else a TypeError / ValueError naming it.
+    The one place this rule lives (whether a section string fits a given N is checked when the steps are built)."""
+    if not isinstance(spacing, str):
+        raise TypeError(f"timestep_spacing must be a str, got {type(spacing).__name__}")
+    if spacing in TIMESTEP_SPACINGS or spacing.startswith("ddim") or (spacing and set(spacing) <= set("0123456789,")):
+        return spacing
+    raise ValueError(f"timestep_spacing must be one of {TIMESTEP_SPACINGS} or an improved-diffusion section string "
+                     f"like 'ddim50' or '10,15,20', got {spacing!r}")
+
+
 def spaced_timesteps(num_train_timesteps: int, n: int | None, spacing: str = "leading",
                      steps_offset: int = 0) -> torch.Tensor:
     """The training timesteps a sampler with ``n`` steps visits, **ascending** (int64), ready for
@@ -258,8 +269,7 @@ def spaced_timesteps(num_train_timesteps: int, n: int | None, spacing: str = "le
     N = int(num_train_timesteps)
     if isinstance(steps_offset, bool) or not isinstance(steps_offset, (int, np.integer)):
         raise TypeError(f"steps_offset must be an int, got {steps_offset!r}")
-    if not isinstance(spacing, str):
-        raise TypeError(f"spacing must be a str, got {type(spacing).__name__}")
+    check_timestep_spacing(spacing)
     if spacing in TIMESTEP_SPACINGS:
         if n is None or isinstance(n, bool) or not isinstance(n, (int, np.integer)):
             raise TypeError(f"n must be an int for spacing {spacing!r}, got {n!r}")
@@ -277,15 +287,12 @@ def spaced_timesteps(num_train_timesteps: int, n: int | None, spacing: str = "le
             raise ValueError(f"spacing {spacing!r} with n={n}, steps_offset={steps_offset} gives repeated or "
                              f"out-of-range timesteps for N={N}")
         return torch.from_numpy(ts.copy())
-    if spacing.startswith("ddim") or all(c.isdigit() or c == "," for c in spacing) and spacing:
-        try:
-            steps = _section_steps(N, spacing)
-        except ValueError as e:
-            if "invalid literal" in str(e):
-                raise ValueError(f"spacing {spacing!r} is not a valid section string") from None
-            raise
-        if n is not None and n != len(steps):
-            raise ValueError(f"n={n} disagrees with spacing {spacing!r}, which gives {len(steps)} steps")
-        return torch.tensor(steps, dtype=torch.int64)
-    raise ValueError(f"spacing must be one of {TIMESTEP_SPACINGS} or an improved-diffusion section string "
-                     f"like 'ddim50' or '10,15,20', got {spacing!r}")
+    try:                                            # an improved-diffusion section string
+        steps = _section_steps(N, spacing)
+    except ValueError as e:
+        if "invalid literal" in str(e):
+            raise ValueError(f"spacing {spacing!r} is not a valid section string") from None
+        raise
+    if n is not None and n != len(steps):
+        raise ValueError(f"n={n} disagrees with spacing {spacing!r}, which gives {len(steps)} steps")
+    return torch.tensor(steps, dtype=torch.int64)
