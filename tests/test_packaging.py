@@ -1,7 +1,9 @@
 """Layout: ``kernels/`` is installed as ``fastrev.kernels`` (setuptools package-dir), editable and as a wheel."""
 
+import importlib.metadata
 import os
 import pathlib
+import re
 import subprocess
 import sys
 import zipfile
@@ -25,7 +27,7 @@ def test_built_wheel_imports_kernels(tmp_path):
     res = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
                           "-w", str(tmp_path / "dist"), str(ROOT)], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
-    (wheel,) = (tmp_path / "dist").glob("fastrev-*.whl")
+    (wheel,) = (tmp_path / "dist").glob(f"fastrev-{fastrev.__version__}-*.whl")   # version from fastrev.__version__
     names = zipfile.ZipFile(wheel).namelist()
     assert "fastrev/kernels/reverse_step.py" in names and "fastrev/kernels/__init__.py" in names
     assert not any(n.startswith("kernels/") for n in names)
@@ -38,6 +40,17 @@ def test_built_wheel_imports_kernels(tmp_path):
                          env=env, timeout=120, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert all(str(tmp_path / "site") in line for line in out.stdout.split())
+
+
+def test_version_in_one_place():
+    """The version lives in fastrev/__init__.py only: pyproject reads it (setuptools dynamic), the CLI prints it."""
+    text = (ROOT / "pyproject.toml").read_text()
+    project = text.split("[project]", 1)[1].split("\n[", 1)[0]
+    assert re.search(r'^dynamic = \["version"\]', project, re.M) and not re.search(r"^version\s*=", project, re.M)
+    assert 'version = { attr = "fastrev.__version__" }' in text
+    assert re.fullmatch(r"\d+\.\d+\.\d+\S*", fastrev.__version__)
+    if pathlib.Path(fastrev.__file__).resolve().parent == ROOT / "fastrev":     # installed from this checkout
+        assert importlib.metadata.version("fastrev") == fastrev.__version__
 
 
 def test_console_script_and_module_entry_points():
