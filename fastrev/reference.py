@@ -21,6 +21,7 @@ __all__ = [
     "probability_flow_drift",
 ]
 
+# the canonical vocabularies: every other module imports these (fastrev.diffusers adds diffusers' extra variances)
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 VARIANCE_TYPES = ("fixed_small", "fixed_large", "learned", "learned_range")
 

@@ -159,7 +159,7 @@ def test_langevin_targets_gaussian():
 
 @settings(max_examples=60, deadline=None)
 @given(betas=st.lists(st.floats(1e-4, 0.3), min_size=2, max_size=40), seed=st.integers(0, 2**31 - 1),
-       pred=st.sampled_from(["epsilon", "sample", "v_prediction"]))
+       pred=st.sampled_from(R.PREDICTION_TYPES))
 def test_property_means_agree(betas, seed, pred):
     s = Schedule.from_betas(betas)
     t, x0, eps, xt, v = _consistent(s, seed, B=4, shape=(5,))

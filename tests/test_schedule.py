@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fastrev import Schedule, spaced_timesteps
+from fastrev.schedule import TIMESTEP_SPACINGS, check_timestep_spacing
 
 
 def _diffusers():
@@ -127,7 +128,7 @@ def test_spacing_matches_peers(spacing, expected):
     assert spaced_timesteps(1000, 7, spacing).tolist() == sorted(expected)
 
 
-@pytest.mark.parametrize("spacing", ["linspace", "leading", "trailing"])
+@pytest.mark.parametrize("spacing", TIMESTEP_SPACINGS)
 @pytest.mark.parametrize("n", [1, 10, 50, 333, 1000])
 def test_spacing_matches_diffusers(spacing, n):
     sch = _diffusers().DDPMScheduler(timestep_spacing=spacing, steps_offset=1 if spacing == "leading" and n < 1000
@@ -152,8 +153,7 @@ def test_improved_diffusion_sections():
 
 
 @settings(max_examples=40, deadline=None)
-@given(n_train=st.integers(2, 400), frac=st.floats(0.01, 1.0), spacing=st.sampled_from(["linspace", "leading",
-                                                                                          "trailing"]))
+@given(n_train=st.integers(2, 400), frac=st.floats(0.01, 1.0), spacing=st.sampled_from(TIMESTEP_SPACINGS))
 def test_spacing_properties(n_train, frac, spacing):
     n = max(1, int(n_train * frac))
     ts = spaced_timesteps(n_train, n, spacing)
@@ -178,6 +178,26 @@ def test_schedule_properties(betas):
 def test_bad_alpha_bars(abar, msg):
     with pytest.raises(ValueError, match=msg):
         Schedule([0.1, 0.1], alpha_bars=abar)
+
+
+@pytest.mark.parametrize("spacing", list(TIMESTEP_SPACINGS) + ["ddim50", "10,15,20", "7"])
+def test_check_timestep_spacing_accepts(spacing):
+    assert check_timestep_spacing(spacing) == spacing
+
+
+@pytest.mark.parametrize("spacing, exc", [("cosine", ValueError), ("", ValueError), ("10;20", ValueError),
+                                          (None, TypeError), (50, TypeError)])
+def test_check_timestep_spacing_rejects(spacing, exc):
+    with pytest.raises(exc, match="timestep_spacing"):
+        check_timestep_spacing(spacing)
+    with pytest.raises(exc, match="spacing"):
+        spaced_timesteps(1000, 10, spacing)
+
+
+@pytest.mark.parametrize("spacing", ["ddimx", ",", "ddim"])
+def test_malformed_section_strings(spacing):
+    with pytest.raises(ValueError, match="not a valid section string"):
+        spaced_timesteps(1000, None, spacing)
 
 
 def test_bad_steps_offset():
