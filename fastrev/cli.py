@@ -61,12 +61,12 @@ def _check_backend(backend: str, device: torch.device) -> None:
     from .ops import resolve_backend
     try:
         resolve_backend(backend, device)
-    except (RuntimeError, ValueError, TypeError):
+    except (RuntimeError, ValueError, TypeError) as e:
         if backend == "triton" and device.type == "cpu":
             raise CliError("--backend triton needs a CUDA device, or on CPU the Triton interpreter "
                            "(TRITON_INTERPRET=1 in the environment); use --backend auto, torch or reference "
                            "on CPU") from None
-        raise CliError(f"--backend {backend} cannot run on --device {device}; use --backend auto") from None
+        raise CliError(f"--backend {backend} cannot run on --device {device} ({e}); use --backend auto") from None
 
 
 def _check_writable(option: str, path) -> None:

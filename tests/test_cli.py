@@ -174,6 +174,12 @@ def test_backend_triton_on_cpu_without_interpreter(tmp_path, capsys, monkeypatch
                     "--backend triton", "TRITON_INTERPRET=1")
 
 
+def test_backend_triton_on_mps(tmp_path, capsys, monkeypatch, no_sampling):
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    _one_line_error(capsys, SAMPLE + ["--device", "mps", "--backend", "triton", "--out", str(tmp_path / "x.pt")],
+                    "--backend triton cannot run on --device mps", "--backend auto")
+
+
 def test_backend_choices_are_the_library_vocabulary():
     sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     backend = next(a for a in sub.choices["sample"]._actions if a.dest == "backend")
