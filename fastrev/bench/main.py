@@ -50,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop starting new cases after this many seconds (the rest is reported as skipped)")
     p.add_argument("--kernel-report", default=None, metavar="FILE",
                    help="CUDA: write registers/spills/layout conversions/vector widths of the kernel's variants")
+    p.add_argument("--min-time", type=float, default=None, metavar="S",
+                   help="CPU: seconds each row's providers are timed together, at least (default 0.5 quick, 2 full)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--json", default=None, help="explicit JSON path (default: DIR/<device>-<date>.json)")
     return p
@@ -113,6 +115,8 @@ def main(argv=None) -> int:
     stem = f"{env['device']}-{env['date'][:16].replace(':', '')}"
     json_path = Path(args.json) if args.json else out_dir / f"{stem}.json"
     timing = Timing.for_mode(args.quick)
+    if args.min_time is not None:
+        timing = dataclasses.replace(timing, cpu_min_time=args.min_time)
     notes = _notes(device, args, plan)
     load_start = machine_load()
     print(f"fastrev bench on {env['device']} ({env['device_name']}), torch {env['torch']}, triton {env['triton']}; "

@@ -135,7 +135,7 @@ def measure_copy(device, nbytes: Optional[int] = None, timing: Optional[Timing] 
     if device.type == "cuda":
         sec = _do_bench(call, timing.warmup_ms, timing.rep_ms)
     else:
-        sec = time_interleaved([call], min_time=min(timing.cpu_min_time, 0.5), min_reps=5,
+        sec = time_interleaved([call], min_time=min(timing.cpu_min_time, 0.25), min_reps=5,
                                max_reps=timing.cpu_max_reps)[0]["median_us"] * 1e-6
     del src, dst
     return {"copy_gbps": 2 * n * 4 / sec / 1e9, "copy_bytes": n * 4, "copy_us": sec * 1e6}
