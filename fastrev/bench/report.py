@@ -18,7 +18,9 @@ RESULTS_HEADER = ("# fastrev benchmark results\n\n"
 
 
 def derive(results: list, copy_gbps: float) -> None:
-    """frac_copy for each step entry; speedup_vs (and speedup_vs_wall) for fastrev entries: P's time / fastrev's."""
+    """frac_copy for each step entry; speedup_vs (and speedup_vs_wall) for fastrev entries: P's time / fastrev's —
+    the median of per-round ratios for providers timed in the same interleaved rounds (CPU), else the ratio of the
+    medians (CUDA, and compile, which is timed on its own)."""
     groups = {}
     for r in results:
         if r["bench"] != "loop":
@@ -30,6 +32,7 @@ def derive(results: list, copy_gbps: float) -> None:
         if not f:
             continue
         f["speedup_vs"] = {p: r["median_us"] / f["median_us"] for p, r in g.items() if p != "fastrev"}
+        f["speedup_vs"].update(f.get("paired_vs") or {})     # timed in the same rounds: the paired ratio
         if f.get("wall_us"):
             f["speedup_vs_wall"] = {p: r["wall_us"] / f["wall_us"] for p, r in g.items()
                                     if p != "fastrev" and r.get("wall_us")}
@@ -58,7 +61,8 @@ def ratio_table(results: list) -> list:
     ratio = {(r["bench"], r["dtype"], r["shape"]): r["speedup_vs"]["diffusers"] for r in step
              if r["provider"] == "fastrev" and "diffusers" in r.get("speedup_vs", {})}
     lines = ["fastrev vs diffusers, side by side in this run: **diffusers' time / fastrev's time** "
-             "(≥ 1.00× means fastrev is not slower).", "",
+             "(≥ 1.00× means fastrev is not slower; on the CPU the median over interleaved rounds of the ratio "
+             "within a round).", "",
              "| step | dtype | " + " | ".join(shapes) + " |", "|---|---|" + "---|" * len(shapes)]
     for b, d in rows:
         lines.append(f"| {b} | {d} | " + " | ".join(_fmt(ratio.get((b, d, s)), "{:.2f}×") for s in shapes) + " |")
@@ -89,8 +93,8 @@ def markdown(doc: dict) -> str:
         others = [p for p in provs if p != "fastrev"]
         head = (["bench", "shape", "dtype", "MB moved"] + [f"{p} µs" for p in provs] +
                 ["fastrev GB/s", "× copy"] + [f"vs {p}" for p in others] + ["spread"])
-        lines += ["All cases (median µs; \"vs P\" = P's time / fastrev's; spread = largest interquartile range / "
-                  "median among the providers of the row):", "",
+        lines += ["All cases (median µs; \"vs P\" = P's time / fastrev's, paired per round where timed together; "
+                  "spread = largest interquartile range / median among the providers of the row):", "",
                   "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for k in _ordered((r["bench"], r["shape"], r["dtype"]) for r in step):
             g = {r["provider"]: r for r in step if (r["bench"], r["shape"], r["dtype"]) == k}

@@ -12,7 +12,7 @@ import torch
 from .cases import check_agreement, disagreements, make_case
 from .common import Unavailable, shape_label
 from .loop import make_loop
-from .timing import Timing, measure_group, measure_loop
+from .timing import Timing, measure_group, measure_loop, paired_ratio
 
 CHECK_TOL = 1e-4     # relative; fp32 providers against fastrev on the same inputs (observed: ~5e-8)
 
@@ -121,7 +121,8 @@ class Runner:
                 continue
             r = dict(bench=bench, shape=shape_label(shape), dtype=dtype, provider=c.provider,
                      median_us=m["median_us"], gbps=c.nbytes / (m["median_us"] * 1e-6) / 1e9, wall_us=m["wall_us"],
-                     bytes=c.nbytes, spread=m["spread"], reps=m["reps"], input_sets=len(c.inputs))
+                     bytes=c.nbytes, spread=m["spread"], reps=m["reps"], input_sets=len(c.inputs),
+                     times_us=m["times_us"])
             if c.compile_s is not None:
                 r["compile_s"] = c.compile_s
             self.results.append(r)
@@ -129,6 +130,7 @@ class Runner:
                      f"{r['gbps']:8.2f} GB/s" + (f"  ±{m['spread']:.0%}" if m.get("spread") is not None else "")
                      + (f"  (wall {m['wall_us']:.1f} us)" if self.device.type == "cuda" else "")
                      + (f"  compile {c.compile_s:.1f} s" if c.compile_s is not None else ""))
+        _paired(self.results[len(self.results) - sum(m is not None for m in ms):])
         for c in cases:
             c.release()
         del cases
@@ -163,6 +165,16 @@ class Runner:
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.t0
+
+
+def _paired(rows: list) -> None:
+    """For the fastrev row of a group timed in interleaved rounds: ``paired_vs`` = per provider, the median over
+    rounds of its time / fastrev's time in the same round (see timing.paired_ratio)."""
+    f = next((r for r in rows if r["provider"] == "fastrev" and r.get("times_us")), None)
+    if f is None:
+        return
+    f["paired_vs"] = {r["provider"]: paired_ratio(r["times_us"], f["times_us"]) for r in rows
+                      if r is not f and r.get("times_us") and len(r["times_us"]) == len(f["times_us"])}
 
 
 __all__ = ["Runner", "CHECK_TOL"]

@@ -52,8 +52,9 @@ def busy_warning() -> Optional[str]:
     m = machine_load()
     if m["busy"]:
         return (f"WARNING: the machine is busy (1-min load average {m['load1']:.1f} > {m['cpus']} cores): CPU times "
-                "are noisy and slower than on an idle machine; the ratios (interleaved) are more reliable than the "
-                "absolute figures")
+                "are noisy and slower than on an idle machine; the ratios (providers interleaved, paired per round) "
+                "are more reliable than the absolute figures. Multi-threaded torch ops wait for descheduled threads "
+                f"on a busy machine: --threads 1 is steadier (this run: {torch.get_num_threads()} threads)")
     return None
 
 
@@ -64,7 +65,13 @@ def _stats(times: list) -> dict:
         spread = (q[2] - q[0]) / med if med > 0 else None
     else:
         spread = None
-    return {"median_us": med * 1e6, "spread": spread, "reps": len(times)}
+    return {"median_us": med * 1e6, "spread": spread, "reps": len(times), "times_us": [t * 1e6 for t in times]}
+
+
+def paired_ratio(times_a: list, times_b: list) -> float:
+    """Median over interleaved rounds of a's time / b's time in the same round: a slow spell that spans a round
+    cancels out, which the ratio of the two medians does not do."""
+    return statistics.median(a / b for a, b in zip(times_a, times_b, strict=True))
 
 
 def time_interleaved(calls: list, *, min_time: float, min_reps: int, max_reps: int) -> list:
@@ -111,7 +118,7 @@ def measure_group(cases: list, timing: Timing) -> list:
         for c in cases:
             med = _do_bench(c.call, timing.warmup_ms, timing.rep_ms)
             out.append({"median_us": med * 1e6, "wall_us": _wall_cuda(c.call, c.device, med) * 1e6,
-                        "spread": None, "reps": None})
+                        "spread": None, "reps": None, "times_us": None})
         return out
     res = time_interleaved([c.call for c in cases], min_time=timing.cpu_min_time, min_reps=timing.cpu_min_reps,
                            max_reps=timing.cpu_max_reps)
