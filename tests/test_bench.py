@@ -4,6 +4,7 @@ go, the JSON/markdown it writes, the busy warning. Tiny shapes; never a speed.""
 import json
 import math
 import shutil
+import statistics
 import sys
 from pathlib import Path
 
@@ -262,8 +263,9 @@ def test_interleaved_timing_gives_every_case_its_reps():
     assert [r["reps"] for r in res] == [res[0]["reps"]] * 2 and res[0]["reps"] >= 7
     assert res[1]["median_us"] > res[0]["median_us"]
     # the paired ratio cancels a slow spell that hits both providers of a round; the ratio of medians does not
-    a, b = [1, 1, 1, 10, 10], [2, 2, 2, 20, 20]
+    a, b = [1, 10, 1, 10, 1], [2, 20, 2, 20, 20]          # b is 2× a in every round but a spell in its last
     assert timing.paired_ratio(b, a) == 2.0
+    assert statistics.median(b) / statistics.median(a) == 20.0
 
 
 # ------------------------------------------------------------------------------------------------ compile
