@@ -88,6 +88,12 @@ def test_registry_holds_the_drop_in_entries_of_issue_12():
         registry.get("nope")
 
 
+def test_the_package_is_installed_with_fastrev():
+    """fastrev.bench is a subpackage: the wheel must list it (setuptools' explicit package list)."""
+    assert '"fastrev.bench"' in (ROOT / "pyproject.toml").read_text()
+    assert (ROOT / "fastrev" / "bench" / "__main__.py").exists()       # python -m fastrev.bench (gpu_check.sh)
+
+
 def test_parse_shape():
     assert fb.parse_shape("1x4x64x64") == (1, 4, 64, 64)
     assert fb.parse_shape("16×3×256×256") == (16, 3, 256, 256)

@@ -90,55 +90,20 @@ def _resolve_plan(args, parser, device) -> dict:
 
 
 def main(argv=None) -> int:
+    """``fastrev bench``: 0 when fastrev ran and agreed with every provider, 1 when it failed or disagreed, 2 for bad
+    arguments (argparse)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    try:
-        device = resolve_device(args.device)
-    except ValueError as e:
-        parser.error(str(e))
-    plan = _resolve_plan(args, parser, device)
-    root = repo_root()
-    results_md = None
-    if args.update_results is not None:
-        if args.update_results == "" and root is None:
-            parser.error("--update-results without a path needs a fastrev checkout (bench/RESULTS.md) here")
-        results_md = Path(args.update_results) if args.update_results else root / "bench" / "RESULTS.md"
-    out_dir = Path(args.out) if args.out else default_out_dir()
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        parser.error(f"--out {out_dir}: cannot create it ({e})")
-
-    env = env_info(device)
-    stem = f"{env['device']}-{env['date'][:16].replace(':', '')}"
-    json_path = Path(args.json) if args.json else out_dir / f"{stem}.json"
+    device, plan, out_dir, results_md = _setup(args, parser)
     timing = Timing.for_mode(args.quick)
     if args.min_time is not None:
         timing = dataclasses.replace(timing, cpu_min_time=args.min_time)
-    notes = _notes(device, args, plan)
-    load_start = machine_load()
-    print(f"fastrev bench on {env['device']} ({env['device_name']}), torch {env['torch']}, triton {env['triton']}; "
-          f"results go to {out_dir}", flush=True)
-    warn = busy_warning()
-    if warn:
-        print(warn, flush=True)
-        notes.append(warn.replace("WARNING: ", "Noisy run: "))
-
-    copy = measure_copy(device, timing=timing)
-    print(f"copy ceiling: {copy['copy_gbps']:.1f} GB/s", flush=True)
-    doc = dict(env, copy_gbps=copy["copy_gbps"], copy_bytes=copy["copy_bytes"], notes=notes,
-               load={"start": load_start["load1"]},
-               plan={k: ([shape_label(s) for s in v] if k in ("shapes", "compile_shapes") and v else
-                         shape_label(v) if k == "loop_shape" else v) for k, v in plan.items()},
-               quick=args.quick, timing=dataclasses.asdict(timing),
-               works={b: registry.get(b).what for b in plan["benches"] if b != "loop"},
-               bytes_per_elem={b: {d: registry.get(b).bytes_per_elem(d) for d in plan["dtypes"]}
-                               for b in plan["benches"] if b != "loop"})
-    runner = Runner(device, timing, budget_s=args.budget_s,
-                    on_result=lambda: write_json(_snapshot(doc, runner), json_path, partial=True),
-                    log=lambda s: print(s, flush=True))
+    doc = _new_doc(device, args, plan, timing, out_dir)
+    json_path = Path(args.json) if args.json else out_dir / f"{doc['stem']}.json"
+    runner = Runner(device, timing, budget_s=args.budget_s, log=lambda s: print(s, flush=True),
+                    on_result=lambda: write_json(_snapshot(doc, runner), json_path, partial=True))
     steps = [b for b in plan["benches"] if b != "loop"]
     try:
         if not args.no_check and "fastrev" in plan["providers"]:
@@ -148,37 +113,84 @@ def main(argv=None) -> int:
         runner.run_steps(steps, plan["shapes"], plan["dtypes"], plan["providers"], plan["compile_shapes"],
                          plan["compile_benches"])
     except KeyboardInterrupt:          # gpu_check.sh's timeout sends SIGINT: keep and write what was measured
-        notes.append("interrupted (SIGINT / time limit): the cases not reached are missing")
+        doc["notes"].append("interrupted (SIGINT / time limit): the cases not reached are missing")
         print("interrupted: writing what was measured", flush=True)
+    _write_reports(_snapshot(doc, runner), args, out_dir, json_path, results_md)
+    if runner.failures:
+        print("fastrev bench: FAILED: " + "; ".join(runner.failures), flush=True)
+        return 1
+    return 0
 
-    doc = _snapshot(doc, runner)
-    derive(doc["results"], copy["copy_gbps"])
-    if warn is None and (busy_end := busy_warning()):
-        notes.append(busy_end.replace("WARNING: ", "Noisy run (by its end): "))
-    png = None if args.no_plot else plot(doc, out_dir / f"{stem}.png")
+
+def _setup(args, parser):
+    """(device, plan, out_dir, RESULTS.md to update or None); argument errors exit 2 with one line."""
+    try:
+        device = resolve_device(args.device)
+    except ValueError as e:
+        parser.error(str(e))
+    plan = _resolve_plan(args, parser, device)
+    results_md = None
+    if args.update_results is not None:
+        root = repo_root()
+        if args.update_results == "" and root is None:
+            parser.error("--update-results without a path needs a fastrev checkout (bench/RESULTS.md) here")
+        results_md = Path(args.update_results) if args.update_results else root / "bench" / "RESULTS.md"
+    out_dir = Path(args.out) if args.out else default_out_dir()
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        parser.error(f"--out {out_dir}: cannot create it ({e})")
+    return device, plan, out_dir, results_md
+
+
+def _new_doc(device, args, plan, timing, out_dir) -> dict:
+    """The run's record before any case: environment, plan, notes (busy warning included), copy ceiling."""
+    env = env_info(device)
+    notes = _notes(device, args, plan)
+    load_start = machine_load()
+    print(f"fastrev bench on {env['device']} ({env['device_name']}), torch {env['torch']}, triton {env['triton']}; "
+          f"results go to {out_dir}", flush=True)
+    warn = busy_warning()
+    if warn:
+        print(warn, flush=True)
+        notes.append(warn.replace("WARNING: ", "Noisy run: "))
+    copy = measure_copy(device, timing=timing)
+    print(f"copy ceiling: {copy['copy_gbps']:.1f} GB/s", flush=True)
+    steps = [b for b in plan["benches"] if b != "loop"]
+    return dict(env, stem=f"{env['device']}-{env['date'][:16].replace(':', '')}", busy_at_start=bool(warn),
+                copy_gbps=copy["copy_gbps"], copy_bytes=copy["copy_bytes"], notes=notes,
+                load={"start": load_start["load1"]}, quick=args.quick, timing=dataclasses.asdict(timing),
+                plan={k: ([shape_label(s) for s in v] if k in ("shapes", "compile_shapes") and v else
+                          shape_label(v) if k == "loop_shape" else v) for k, v in plan.items()},
+                works={b: registry.get(b).what for b in steps},
+                bytes_per_elem={b: {d: registry.get(b).bytes_per_elem(d) for d in plan["dtypes"]} for b in steps})
+
+
+def _write_reports(doc, args, out_dir: Path, json_path: Path, results_md) -> None:
+    """Derived figures, PNG, JSON, the run's RESULTS.md; the tracked RESULTS.md only with --update-results."""
+    derive(doc["results"], doc["copy_gbps"])
+    if not doc["busy_at_start"] and (busy_end := busy_warning()):
+        doc["notes"].append(busy_end.replace("WARNING: ", "Noisy run (by its end): "))
+    png = None if args.no_plot else plot(doc, out_dir / f"{doc['stem']}.png")
     doc["plot"] = png.name if png else None
     write_json(doc, json_path)
     md = markdown(doc)
     (out_dir / "RESULTS.md").write_text(md)
     if results_md is not None:
-        update_results(results_md, md, env["device"])
+        update_results(results_md, md, doc["device"])
         dest = results_md.parent / "results"
         dest.mkdir(exist_ok=True)
-        shutil.copyfile(json_path, dest / f"{env['device']}.json")
+        shutil.copyfile(json_path, dest / f"{doc['device']}.json")
         if png:
-            shutil.copyfile(png, dest / f"{env['device']}.png")
-        print(f"updated {results_md} and {dest}/{env['device']}.*", flush=True)
-    if args.kernel_report and device.type == "cuda":
+            shutil.copyfile(png, dest / f"{doc['device']}.png")
+        print(f"updated {results_md} and {dest}/{doc['device']}.*", flush=True)
+    if args.kernel_report and doc["device"] != "cpu":
         rep = kernel_report()
         Path(args.kernel_report).write_text(rep)
         print(rep, flush=True)
     print("\n" + md, flush=True)
     print(f"wrote {json_path}, {out_dir / 'RESULTS.md'}" + (f" and {png}" if png else "") +
           f" in {doc['elapsed_s']:.0f} s", flush=True)
-    if runner.failures:
-        print("fastrev bench: FAILED: " + "; ".join(runner.failures), flush=True)
-        return 1
-    return 0
 
 
 def _snapshot(doc: dict, runner: Runner) -> dict:
