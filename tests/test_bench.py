@@ -117,20 +117,21 @@ def test_providers_compute_the_same_step(bench):
 
 
 def test_the_check_catches_a_wrong_step(temp_entry):
-    """A deliberately wrong fastrev (x̂₀ off by 1e-3 relative; or NaN) is a disagreement."""
+    """A deliberately wrong fastrev (x̂₀ off by 1e-4 relative; or NaN) is a disagreement."""
     def off(scale):
         def build(device, dtype):
             f = _eager_ddim(device, dtype)
             return lambda inp: tuple(v * scale for v in f(inp.x, inp.t, inp.out))
         return build
     t = registry.schedules()[2]
-    temp_entry(name="t_off", fastrev=off(1.001), eager=_eager_ddim, t_index=t)
+    temp_entry(name="t_off", fastrev=off(1.0001), eager=_eager_ddim, t_index=t)
     temp_entry(name="t_nan_eager", fastrev=off(1.0), eager=lambda d, dt: lambda x, t, o: (x * math.nan, x * math.nan),
                t_index=t)
+    tol = fb.runner.CHECK_TOL
     errs = fb.check_agreement("t_off", "cpu", ["eager"])
-    assert errs["eager"] > 1e-4 and fb.cases.disagreements(errs, 1e-4) == {"eager": errs["eager"]}
+    assert errs["eager"] > tol and fb.cases.disagreements(errs, tol) == {"eager": errs["eager"]}
     errs = fb.check_agreement("t_nan_eager", "cpu", ["eager"])
-    assert fb.cases.disagreements(errs, 1e-4)                          # NaN never passes
+    assert fb.cases.disagreements(errs, tol)                           # NaN never passes
 
 
 def test_inputs_rotate():
