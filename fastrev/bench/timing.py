@@ -54,7 +54,7 @@ def busy_warning() -> Optional[str]:
         return (f"WARNING: the machine is busy (1-min load average {m['load1']:.1f} > {m['cpus']} cores): CPU times "
                 "are noisy and slower than on an idle machine; the ratios (providers interleaved, paired per round) "
                 "are more reliable than the absolute figures. Multi-threaded torch ops wait for descheduled threads "
-                f"on a busy machine: --threads 1 is steadier (this run: {torch.get_num_threads()} threads)")
+                f"on a busy machine: --threads 1 is steadier (torch threads in this run: {torch.get_num_threads()})")
     return None
 
 
