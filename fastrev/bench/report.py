@@ -198,6 +198,7 @@ def plot(doc: dict, path: Path) -> Optional[Path]:
     fig, axes = plt.subplots(len(benches), len(dtypes), figsize=(max(6.0, 4.2 * len(dtypes)), 2.8 * len(benches)),
                              squeeze=False, sharey=True)
     markers = dict(fastrev="o", eager="s", compile="^", diffusers="v")
+    colors = dict(fastrev="C0", eager="C1", compile="C2", diffusers="C3")      # the same colour in every panel
     for i, b in enumerate(benches):
         for j, d in enumerate(dtypes):
             ax = axes[i][j]
@@ -205,7 +206,8 @@ def plot(doc: dict, path: Path) -> Optional[Path]:
                 pts = sorted((r["bytes"], r["gbps"]) for r in step
                              if r["bench"] == b and r["dtype"] == d and r["provider"] == p)
                 if pts:
-                    ax.plot([x / 1e6 for x, _ in pts], [y for _, y in pts], marker=markers.get(p, "o"), label=p)
+                    ax.plot([x / 1e6 for x, _ in pts], [y for _, y in pts], marker=markers[p], color=colors[p],
+                            label=p)
             ax.axhline(doc["copy_gbps"], ls="--", color="gray", lw=1, label="copy")
             ax.set_xscale("log")
             ax.set_yscale("log")
@@ -219,7 +221,7 @@ def plot(doc: dict, path: Path) -> Optional[Path]:
                 ax.set_ylabel("effective GB/s")
     axes[0][0].legend(fontsize=7)
     fig.suptitle(f"fastrev bench — {doc['device']} — {doc['date'][:10]} (torch {doc['torch']})", fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.3 / fig.get_figheight()))
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
