@@ -94,6 +94,13 @@ def test_the_package_is_installed_with_fastrev():
     assert (ROOT / "fastrev" / "bench" / "__main__.py").exists()       # python -m fastrev.bench (gpu_check.sh)
 
 
+def test_every_steps_module_is_discovered():
+    """A new family of steps is a new fastrev/bench/steps_<family>.py: imported with fastrev.bench, no other edit."""
+    mods = sorted(p.stem for p in (ROOT / "fastrev" / "bench").glob("steps_*.py"))
+    assert {"steps_ddpm_ddim", "steps_dropins"} <= set(mods)
+    assert all(f"fastrev.bench.{m}" in sys.modules for m in mods)
+
+
 def test_parse_shape():
     assert fb.parse_shape("1x4x64x64") == (1, 4, 64, 64)
     assert fb.parse_shape("16×3×256×256") == (16, 3, 256, 256)

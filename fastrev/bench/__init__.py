@@ -4,7 +4,9 @@
 same cases. Modules:
 
 * :mod:`~fastrev.bench.registry` — one :class:`StepBench` entry per benchmarked step (inputs, bytes moved per element,
-  the fastrev / diffusers / naive eager callables); a new step is one :func:`register` call;
+  the fastrev / diffusers / naive eager callables); the entries live in ``steps_*.py`` modules (``steps_ddpm_ddim``,
+  ``steps_dropins``), found automatically: a new family of steps is a new ``steps_<name>.py`` with
+  :func:`register` calls;
 * :mod:`~fastrev.bench.cases` — a case = (bench, shape, dtype, provider) on a device, with rotating inputs; the
   same-work check of every provider against fastrev;
 * :mod:`~fastrev.bench.timing` — medians (CPU: providers interleaved; CUDA: event-timed), copy ceiling, busy warning;
@@ -16,6 +18,7 @@ same cases. Modules:
 The method (timing, bytes counted, exit status) is described in docs/benchmarks.md.
 """
 
+from . import registry
 from .cases import StepCase, check_agreement, make_case
 from .common import (
     DTYPES,
@@ -32,6 +35,8 @@ from .main import main
 from .plan import default_plan
 from .registry import REGISTRY, StepBench, register, step_benches, unregister
 from .timing import Timing, measure_copy
+
+registry._discover()           # import the steps_* modules: REGISTRY is complete once fastrev.bench is imported
 
 
 def bytes_moved(bench: str, shape, dtype) -> int:

@@ -4,16 +4,20 @@ An entry says how to build the inputs, how many bytes the step must move per ele
 provider's callable: ``fastrev`` (required), ``diffusers`` (the step it replaces, if any) and ``eager`` (the naive
 op-by-op PyTorch version, which the ``compile`` provider also compiles). Builders take ``(device, dtype)`` and return a
 function of one :class:`Inputs` that returns ``(x_{t−1}, x̂₀)`` (a tuple, or an object with ``prev_sample`` and
-``pred_original_sample``). A new step is one :func:`register` call, for example::
+``pred_original_sample``).
 
-    from fastrev.bench.registry import StepBench, register
+The entries live in modules named ``fastrev/bench/steps_<family>.py`` (``steps_ddpm_ddim``, ``steps_dropins``),
+imported automatically in name order: a new family of steps is a new module, with no edit here. For example, a
+``fastrev/bench/steps_euler.py``::
+
+    from .registry import StepBench, register, scheduler_step
 
     register(StepBench(
         name="euler_step", what="Euler step, ε-prediction, σ at t=500 of 1000", reads=2, writes=2,
-        fastrev=lambda device, dtype: lambda inp: my_fastrev_euler(inp.out, inp.t, inp.x),
-        diffusers=lambda device, dtype: make_diffusers_euler(device).step_fn,       # or None: no counterpart
-        eager=lambda device, dtype: lambda x, t, out: my_naive_euler(x, t, out),     # or None
-        compare_prev=("eager", "diffusers"),       # their x_{t−1} must equal fastrev's (deterministic step)
+        fastrev=scheduler_step(make_fast_euler, "euler", exact=False),      # (device, dtype) -> fn(Inputs)
+        diffusers=scheduler_step(make_diffusers_euler, "euler", exact=False),  # or None: no counterpart
+        eager=lambda device, dtype: lambda x, t, out: naive_euler(x, t, out),  # or None; compile compiles it
+        compare_prev=("diffusers",),               # their x_{t−1} must equal fastrev's (same noise or none)
     ))
 
 Bytes moved: ``reads`` + ``writes`` full-size tensors per output element, times the storage itemsize. What is counted
@@ -29,7 +33,6 @@ from typing import Any, Callable, Optional
 import torch
 
 from .. import reference as R
-from ..ops import ddim_step, ddpm_step
 from ..schedule import Schedule, spaced_timesteps
 from .common import DDIM_STEPS, NUM_TRAIN, SEED, T_STEP, Unavailable, numel, parse_shape, require_diffusers, to_dtype
 
@@ -100,6 +103,7 @@ def unregister(name: str) -> None:
 
 
 def get(name: str) -> StepBench:
+    _discover()
     try:
         return REGISTRY[name]
     except KeyError:
@@ -205,55 +209,29 @@ def scheduler_step(make: Callable, kind: str, *, exact: bool, eta: float = 0.0):
     return build
 
 
-# ------------------------------------------------------------------------------------------------ the entries
-def _fastrev_op(kind: str, variance_type: str = "fixed_small"):
-    def build(device, dtype):
-        base, ddim, _ = schedules()
-        seed = torch.tensor([SEED], dtype=torch.int64, device=device)   # a device tensor: no host→device per call
-        if kind == "ddim":
-            return lambda inp: ddim_step(inp.out, inp.t, inp.x, ddim, eta=0.0, clip_sample=True, seed=seed)
-        return lambda inp: ddpm_step(inp.out, inp.t, inp.x, base, variance_type=variance_type, clip_sample=True,
-                                     seed=seed)
-    return build
-
-
-register(StepBench(
-    "ddpm_step", "fastrev.ddpm_step (default: counter noise from a seed) vs DDPMScheduler.step: ε, fixed_small, "
-    "x̂₀ clipped to ±1, noise added, t=500 of 1000 linear-β steps", reads=2, writes=2,
-    fastrev=_fastrev_op("ddpm"),
-    diffusers=scheduler_step(lambda: diffusers_scheduler("ddpm"), "ddpm", exact=False),
-    eager=eager_ddpm()))
-register(StepBench(
-    "ddim_step", "fastrev.ddim_step vs DDIMScheduler.step: η=0, ε, x̂₀ clipped, t=500 of 50 leading steps of 1000",
-    reads=2, writes=2, t_index=schedules()[2], compare_prev=("eager", "diffusers"),
-    fastrev=_fastrev_op("ddim"),
-    diffusers=scheduler_step(lambda: diffusers_scheduler("ddim"), "ddim", exact=False),
-    eager=eager_ddim(0.0)))
-register(StepBench(
-    "learned_range_step", "fastrev.ddpm_step vs DDPMScheduler.step: ε + learned_range variance (2C-channel model "
-    "output), x̂₀ clipped, noise added, t=500", reads=3, writes=2, model_channels=2,
-    fastrev=_fastrev_op("ddpm", "learned_range"),
-    diffusers=scheduler_step(lambda: diffusers_scheduler("ddpm", "learned_range"), "ddpm", exact=False),
-    eager=eager_ddpm("learned_range")))
-
-# the diffusers drop-ins, side by side with the class each replaces: exact mode (a generator: diffusers' noise,
-# drawn and read, hence one more tensor read) and fast mode (no generator: counter noise)
-for _kind, _eta, _label in (("ddpm", 0.0, "FastDDPMScheduler.step vs DDPMScheduler.step (t=500 of 1000)"),
-                            ("ddim", 1.0, "FastDDIMScheduler.step vs DDIMScheduler.step, η=1 (t=500 of 50 leading)")):
-    for _exact in (True, False):
-        register(StepBench(
-            f"{_kind}_dropin_{'exact' if _exact else 'fast'}",
-            f"{_label}, {'exact mode (generator)' if _exact else 'fast mode (no generator)'}; ε, clipped",
-            reads=3 if _exact else 2, writes=2, group="drop-in",
-            compare_prev=("diffusers",) if _exact else (),
-            t_index=schedules()[2] if _kind == "ddim" else T_STEP,
-            fastrev=scheduler_step(functools.partial(fastrev_dropin, _kind), _kind, exact=_exact, eta=_eta),
-            diffusers=scheduler_step(functools.partial(diffusers_scheduler, _kind), _kind, exact=_exact, eta=_eta),
-            eager=eager_ddim(_eta) if _kind == "ddim" else eager_ddpm()))
-
-
 def step_benches() -> list:
+    """The registered steps, in registration order (the order of the reports)."""
+    _discover()
     return list(REGISTRY)
+
+
+_DISCOVERED = False
+
+
+def _discover() -> None:
+    """Import every ``fastrev.bench.steps_*`` module once: each registers its entries. A new family of steps is a
+    new module (no edit here), so helpers working in parallel never touch the same file."""
+    global _DISCOVERED
+    if _DISCOVERED:
+        return
+    _DISCOVERED = True
+    import importlib
+    import pkgutil
+
+    from . import __path__ as pkg_path
+    for m in sorted(pkgutil.iter_modules(pkg_path), key=lambda m: m.name):
+        if m.name.startswith("steps_"):
+            importlib.import_module(f"{__package__}.{m.name}")
 
 
 __all__ = ["StepBench", "Inputs", "REGISTRY", "register", "unregister", "get", "as_pair", "default_inputs",
