@@ -211,6 +211,10 @@ def _notes(device, args, plan) -> list:
     if args.quick:
         notes.append("--quick: the reduced plan (shapes " + ", ".join(shape_label(s) for s in plan["shapes"]) +
                      "; dtypes " + ", ".join(plan["dtypes"]) + ").")
+    if "compile" in plan["providers"] and (plan["compile_benches"] or plan["compile_shapes"]):
+        notes.append("compile planned for " + ", ".join(plan["compile_benches"] or ["every step"]) + " at " +
+                     ", ".join(shape_label(s) for s in plan["compile_shapes"] or plan["shapes"]) +
+                     " (each compile costs seconds; --providers compile --compile-shapes ... for more).")
     ok, dv = diffusers_available()
     notes.append(f"diffusers {dv}" if ok else f"diffusers missing: {dv}")
     threads = os.environ.get("OMP_NUM_THREADS")

@@ -153,13 +153,12 @@ class Runner:
             self.run_group(b, s, d, plain)
         if "compile" not in providers:
             return
-        for d, b, s in groups:
+        for d, b, s in groups:          # the plan's compile_benches / compile_shapes: not skips, the plan
             key = dict(bench=b, shape=shape_label(s), dtype=d, provider="compile")
-            if compile_benches is not None and b not in compile_benches:
-                self._skip(key, "compile planned for " + ",".join(compile_benches))
-            elif compile_shapes is not None and s not in compile_shapes:
-                self._skip(key, "compile planned at " + ",".join(shape_label(c) for c in compile_shapes))
-            elif self.over_budget():
+            if (compile_benches is not None and b not in compile_benches) or \
+                    (compile_shapes is not None and s not in compile_shapes):
+                continue
+            if self.over_budget():
                 self._skip(key, "time budget")
             else:
                 self.run_group(b, s, d, ["compile"])
