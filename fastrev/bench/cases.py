@@ -10,7 +10,7 @@ from typing import Callable, Optional
 import torch
 
 from . import registry
-from .common import SHAPES, dtype_name, parse_shape, resolve_device, shape_label, sync, to_dtype
+from .common import SHAPES, Unavailable, dtype_name, parse_shape, resolve_device, shape_label, sync, to_dtype
 from .registry import as_pair
 
 
@@ -74,7 +74,6 @@ def build_fn(entry: registry.StepBench, provider: str, device: torch.device, dty
         f = builder(device, dtype)
         return lambda inp: f(inp.x, inp.t, inp.out)
     if provider == "compile":
-        from .common import Unavailable
         if not hasattr(torch, "compile"):
             raise Unavailable("torch.compile is not available in this torch")
         torch._dynamo.reset()                      # a fresh cache per case: no recompile limit across cases
@@ -123,7 +122,7 @@ def check_agreement(bench: str, device, providers, shape=SHAPES[0]) -> dict:
             continue
         try:
             prev, x0 = as_pair(build_fn(entry, p, device, torch.float32)(inp))
-        except registry.Unavailable as e:
+        except Unavailable as e:
             errs[p] = f"unavailable: {e}"
             continue
         except Exception as e:  # a provider that cannot even run is reported (the timing pass reports it too)
