@@ -1,4 +1,4 @@
-"""The benchmark suite (``pytest bench --benchmark-only``); the implementation is :mod:`fastrev.bench`.
+"""The pytest-benchmark suite (``pytest bench --benchmark-only``); the harness is the :mod:`fastrev.bench` package.
 
 A package so that ``bench/test_bench.py`` and ``tests/test_bench.py`` can be collected in one pytest run.
 """

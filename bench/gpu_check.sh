@@ -6,8 +6,11 @@
 # 1. installs fastrev editable (no deps, no build isolation: the device image has torch and triton, no registry);
 #    wheels carried in .whl/ (e.g. diffusers, which that image lacks) are installed into /tmp/site first;
 # 2. runs the CUDA tests: python -m pytest -m cuda tests -q;
-# 3. runs the full benchmark (fastrev.bench: every bench, shape, dtype and provider; the 50-step loop with and
-#    without a CUDA graph), writing <device>-<date>.json, its PNG and RESULTS.md (the table) under $OUT.
+# 3. runs the full benchmark (fastrev.bench: every registered step, shape, dtype and provider; the 50-step loop with
+#    and without a CUDA graph), writing <device>-<date>.json, its PNG and RESULTS.md (the table) under $OUT; it
+#    exits 1 when fastrev fails or disagrees with another provider (docs/benchmarks.md). To record the figures in
+#    the repository afterwards: copy $OUT/RESULTS.md's section into bench/RESULTS.md (or rerun with
+#    BENCH_ARGS=--update-results in a checkout).
 # Sized for < 8 minutes on an H100: the benchmark gets what is left of BUDGET_S (default 420 s) after steps 1-2
 # and stops starting new cases when that runs out (the cases left are listed as skipped in the JSON; the compile
 # cases run last, so they are the ones dropped).
@@ -64,7 +67,7 @@ echo "$SUMMARY"
 # -- 3. the benchmark, within what is left of the budget (20 s kept for a case in flight, the plot and the files)
 LEFT=$(( BUDGET_S - SECONDS - 20 ))
 [ "$LEFT" -lt 60 ] && LEFT=60
-timeout -s INT $(( LEFT + 60 )) "$PY" -m fastrev.bench --device "${BENCH_DEVICE:-cuda}" --out-dir "$OUT" --markdown "$OUT/RESULTS.md" \
+timeout -s INT $(( LEFT + 60 )) "$PY" -m fastrev.bench --device "${BENCH_DEVICE:-cuda}" --out "$OUT" \
   --budget-s "$LEFT" --kernel-report "$OUT/kernel_report.txt" ${BENCH_ARGS:-} >"$OUT/bench.log" 2>&1
 rc=$?
 echo "fastrev bench: exit $rc at ${SECONDS}s (log: bench.log)"

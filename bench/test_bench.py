@@ -1,8 +1,8 @@
 """The pytest-benchmark suite: every (bench, shape, dtype, provider) of fastrev.bench's plan, and the sampling loop.
 
 Run ``pytest bench --benchmark-only`` (see bench/conftest.py for the environment variables that choose the plan).
-Cases are built by :func:`fastrev.bench.make_case` / :func:`fastrev.bench.make_loop`: the same providers and work as
-``fastrev bench``. Nothing here asserts a speed.
+Cases are built by :func:`fastrev.bench.make_case` / :func:`fastrev.bench.make_loop` from the same registry
+(:mod:`fastrev.bench.registry`) as ``fastrev bench``. Nothing here asserts a speed.
 """
 
 import os
@@ -17,7 +17,7 @@ def _env_list(name, cast=str):
     return [cast(s.strip()) for s in v.split(",") if s.strip()] if v else None
 
 
-DEVICE = fb._resolve_device(os.environ.get("FASTREV_BENCH_DEVICE", "auto"))
+DEVICE = fb.resolve_device(os.environ.get("FASTREV_BENCH_DEVICE", "auto"))
 _QUICK = os.environ.get("FASTREV_BENCH_QUICK")
 PLAN = fb.default_plan(DEVICE, quick=(DEVICE.type == "cpu") if _QUICK is None else _QUICK not in ("", "0"))
 BENCHES = _env_list("FASTREV_BENCH_BENCHES") or list(PLAN["benches"])
@@ -25,14 +25,14 @@ SHAPES = _env_list("FASTREV_BENCH_SHAPES", fb.parse_shape) or [tuple(s) for s in
 DTYPES = _env_list("FASTREV_BENCH_DTYPES") or list(PLAN["dtypes"])
 PROVIDERS = _env_list("FASTREV_BENCH_PROVIDERS") or list(PLAN["providers"])
 COMPILE_SHAPES = [tuple(s) for s in PLAN.get("compile_shapes") or SHAPES]
+COMPILE_BENCHES = PLAN.get("compile_benches") or fb.step_benches()
 LOOP_PROVIDERS = _env_list("FASTREV_BENCH_LOOP_PROVIDERS") or [
-    p for p in fb.LOOP_PROVIDERS if (DEVICE.type == "cuda" or not p.endswith("+graph"))
-    and p.split("+")[0] in ["model"] + PROVIDERS]
+    p for p in PLAN["loop_providers"] if p.split("+")[0] in ["model"] + PROVIDERS]
 
 STEP_PARAMS = [
     pytest.param(b, s, d, p, id=f"{b}-{fb.shape_label(s)}-{d}-{p}")
-    for d in DTYPES for b in BENCHES if b in fb.STEP_BENCHES for s in SHAPES for p in PROVIDERS
-    if p != "compile" or s in COMPILE_SHAPES
+    for d in DTYPES for b in BENCHES if b in fb.REGISTRY for s in SHAPES for p in PROVIDERS
+    if p != "compile" or (s in COMPILE_SHAPES and b in COMPILE_BENCHES)
 ]
 
 
