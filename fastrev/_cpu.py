@@ -296,7 +296,7 @@ def _rows2d(x: torch.Tensor, B: int, N: int) -> np.ndarray:
 
 def per_sample_contiguous(x: torch.Tensor) -> bool:
     expected = 1
-    for size, stride in zip(reversed(x.shape[1:]), reversed(x.stride()[1:])):
+    for size, stride in zip(reversed(x.shape[1:]), reversed(x.stride()[1:]), strict=True):
         if size != 1 and stride != expected:
             return False
         expected *= size

@@ -189,7 +189,7 @@ def draw_seed(generator: torch.Generator | None, device) -> torch.Tensor:
 def _per_sample_contiguous(x: torch.Tensor) -> bool:
     """Contiguous within each sample (dims 1..), any batch stride."""
     expected = 1
-    for size, stride in zip(reversed(x.shape[1:]), reversed(x.stride()[1:])):
+    for size, stride in zip(reversed(x.shape[1:]), reversed(x.stride()[1:]), strict=True):
         if size != 1 and stride != expected:
             return False
         expected *= size
@@ -267,7 +267,8 @@ def _step(kind, model_output, timestep, sample, schedule, *, prediction_type, va
 
     # ---- backend
     needs_grad = torch.is_grad_enabled() and (sample.requires_grad or model_output.requires_grad)
-    any_f64 = torch.float64 in (sample.dtype, model_output.dtype) or (noise is not None and noise.dtype == torch.float64)
+    any_f64 = torch.float64 in (sample.dtype, model_output.dtype) or (
+        noise is not None and noise.dtype == torch.float64)
     backend = resolve_backend(backend, device, any_f64=any_f64, needs_grad=needs_grad)
 
     # ---- noise source (the counter stream unless a tensor is given)
@@ -380,6 +381,19 @@ def fused_step(table, t, sample, model_output, *, learned=False, variance_type="
     return StepOutput(prev, x0)
 
 
+def _f32_table(table: torch.Tensor) -> torch.Tensor:
+    """``table`` as float32: itself, or a cast copy kept on the table object and redone when the table is rewritten
+    (its version counter moves on in-place writes), so a float64 table costs one cast, not a float64 gather per
+    step on the device."""
+    if table.dtype == torch.float32:
+        return table
+    entry = getattr(table, "_fastrev_f32", None)
+    if entry is None or entry[0] != table._version:
+        entry = (table._version, table.to(torch.float32))
+        table._fastrev_f32 = entry
+    return entry[1]
+
+
 def _table_step_torch(table, t, sample, model_output, *, learned, var_mode, clip, thresholding, ratio, max_value,
                       noise, seed, sample_offset, stochastic, out, return_x0, step, base) -> StepOutput:
     """:func:`fused_step` on the "torch" backend: float32 (float64 when an input is), the sample's dtype out."""
@@ -395,6 +409,8 @@ def _table_step_torch(table, t, sample, model_output, *, learned, var_mode, clip
     f64 = torch.float64
     cd = f64 if f64 in (sample.dtype, model_output.dtype) or (z is not None and z.dtype == f64) or (
         base is not None and base.dtype == f64) else torch.float32
+    if cd == torch.float32:
+        table = _f32_table(table)
     if stochastic and z is None:
         z = _noise.noise_like(sample, seed, t if step is None else step, sample_offset)     # float32
     prev, x0 = T.apply_table(table, t, sample, o, var=var, z=z, base=base, clip=clip, thresholding=thresholding,
@@ -423,9 +439,7 @@ def _sample_index(B: int, offset: int) -> torch.Tensor:
 def _table_step_cpu(table, t, sample, o, var, z, base, *, var_mode, clip, thresholding, ratio, max_value, seed,
                     sample_offset, stochastic, out, return_x0, step) -> StepOutput:
     """The torch backend's update for float32 CPU tensors: one compiled pass (:func:`fastrev._cpu.table_step`)."""
-    coef = table.index_select(0, t)
-    if coef.dtype != torch.float32:
-        coef = coef.float()
+    coef = _f32_table(table).index_select(0, t)
     thresh = None
     if thresholding:
         B = sample.shape[0]

@@ -23,7 +23,8 @@ from .reference import PREDICTION_TYPES, VARIANCE_TYPES
 from .schedule import Schedule
 
 __all__ = ["NCOL", "COL", "VAR_MODES", "x0_coefficients", "eps_coefficients", "ddpm_table", "ddim_table",
-           "finish_table", "device_table", "apply_table", "eps_linear", "VAR_FIXED", "VAR_LOG", "VAR_RANGE", "VAR_LINEAR"]
+           "finish_table", "device_table", "apply_table", "eps_linear", "VAR_FIXED", "VAR_LOG", "VAR_RANGE",
+           "VAR_LINEAR"]
 
 COL = dict(A=0, B=1, C0=2, C1=3, C2=4, SIGMA=5, LOG_LO=6, LOG_HI=7, CLIP=8, D=9)
 NCOL = 10
