@@ -14,15 +14,13 @@ indices and steps are taken mod 2³² (samples i and i + 2³² share noise), and
 
 Everything here is plain int64 / float32 torch arithmetic, so it runs on any device (MPS included: no float64, only
 int64 add/multiply/shift/and/xor/compare) and gives the same uint32 words everywhere; the float32 normals agree with
-the kernel's to a few ulp (libm vs. libdevice ``log``/``cos``). On the CPU, :func:`noise_like` draws the same stream
-with the compiled loop of :mod:`fastrev._cpu` (≤ 1e-6 from :func:`randn`, which stays the pure-torch reference).
+the kernel's to a few ulp (libm vs. libdevice ``log``/``cos``). On the CPU the "torch" backend's compiled step
+draws the same stream inline (:mod:`fastrev._cpu`, ≤ 1e-6 from :func:`randn`, which stays the pure-torch reference).
 """
 
 from __future__ import annotations
 
 import torch
-
-from . import _cpu
 
 __all__ = ["philox4x32", "uniform_from_words", "box_muller", "randn", "noise_like", "as_seed_tensor",
            "PHILOX_ROUNDS"]
@@ -132,9 +130,4 @@ def noise_like(x: torch.Tensor, seed, step, sample_offset: int = 0) -> torch.Ten
     numel = x[0].numel() if x.dim() and B else (x.numel() if not x.dim() else 0)
     if B == 0:
         return torch.empty(x.shape, dtype=torch.float32, device=x.device)
-    if x.device.type == "cpu" and _cpu.AVAILABLE and x.dim():     # the compiled stream (equal to randn, ≤ 1e-6)
-        z = torch.empty(x.shape, dtype=torch.float32)
-        steps = torch.as_tensor(step, dtype=torch.int64).reshape(-1).expand(B).contiguous()
-        _cpu.counter_normals(as_seed_tensor(seed, "cpu"), idx, steps, z)
-        return z
     return randn(seed, idx, step, numel, device=x.device).reshape(x.shape)
