@@ -202,6 +202,7 @@ if AVAILABLE:
         UA = np.empty(2 * _GROUPS_PER_BLOCK, np.float32)
         UB = np.empty(2 * _GROUPS_PER_BLOCK, np.float32)
         Z = np.empty(4 * _GROUPS_PER_BLOCK, np.float32)
+        X0S = np.empty(4 * _GROUPS_PER_BLOCK, np.float32)
         one = np.float32(1.0)
         half = np.float32(0.5)
         for job in range(job0, job1):
@@ -218,11 +219,36 @@ if AVAILABLE:
             if add_noise and noise_mode == 2:
                 _fill_normals(Z, sidx[b], steps[b], g0, g1, k0, k1, UA, UB)
             xb, ob, pb = x[b], o[b], prev[b]
-            if not add_noise and not has_base and not want_x0 and clip_mode == 0:
-                for e in range(e0, e1):                              # the hot deterministic case
-                    xv = xb[e]
-                    ov = ob[e]
-                    pb[e] = c0 * (a * xv + bb * ov) + c1 * xv + c2 * ov
+            if var_mode == 0 and not has_base:
+                # the common case as straight loops over the block that LLVM vectorizes: clipping as selects (an
+                # infinite range when off; NaN passes through both), thresholding's 1/s division (by 1.0 otherwise:
+                # exact), x̂₀ into a scratch block when not wanted
+                n = e1 - e0
+                rr = r if clip_mode != 0 else np.float32(np.inf)
+                ss = r if clip_mode == 2 else one
+                xs, os_, ps = xb[e0:e1], ob[e0:e1], pb[e0:e1]
+                x0s = x0[b, e0:e1] if want_x0 else X0S[:n]
+                if add_noise:
+                    zs = z[b, e0:e1] if noise_mode == 1 else Z[:n]
+                    for j in range(n):
+                        xv = xs[j]
+                        ov = os_[j]
+                        xh = a * xv + bb * ov
+                        xh = rr if xh > rr else xh
+                        xh = -rr if xh < -rr else xh
+                        xh = xh / ss
+                        ps[j] = (c0 * xh + c1 * xv + c2 * ov) + sig * zs[j]
+                        x0s[j] = xh
+                else:
+                    for j in range(n):
+                        xv = xs[j]
+                        ov = os_[j]
+                        xh = a * xv + bb * ov
+                        xh = rr if xh > rr else xh
+                        xh = -rr if xh < -rr else xh
+                        xh = xh / ss
+                        ps[j] = c0 * xh + c1 * xv + c2 * ov
+                        x0s[j] = xh
                 continue
             for e in range(e0, e1):
                 xv = xb[e]
