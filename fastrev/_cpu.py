@@ -24,6 +24,7 @@ slower counter noise).
 
 from __future__ import annotations
 
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -283,6 +284,16 @@ _POOL = None
 _POOL_SIZE = 0
 _POOL_LOCK = threading.Lock()
 _MIN_PARALLEL = 1 << 16             # elements: below this one thread is faster than waking others
+
+
+def _forget_pool() -> None:
+    """In a forked child the pool's threads do not exist: start a new pool there (DataLoader workers etc.)."""
+    global _POOL, _POOL_SIZE, _POOL_LOCK
+    _POOL, _POOL_SIZE, _POOL_LOCK = None, 0, threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool)
 
 
 def _launch(kernel, args, B: int, N: int) -> None:
