@@ -122,17 +122,25 @@ def per_sample_contiguous(x: torch.Tensor) -> bool:
 
 
 def eligible(*tensors) -> bool:
-    """True when the compiled loop can take these tensors as they are: numba present, float32, CPU, per-sample
-    contiguous, at least 1-D, no autograd (None entries are skipped)."""
-    if not AVAILABLE:
+    """True when the compiled loop can take these tensors as they are: numba present, plain float32 CPU tensors
+    (not a subclass, not a functorch/vmap wrapper, not while torch.compile traces), per-sample contiguous, at least
+    1-D, no autograd (None entries are skipped). Anything else runs the eager torch update."""
+    if not AVAILABLE or torch.compiler.is_compiling():
         return False
     for t in tensors:
         if t is None:
             continue
-        if t.dtype != torch.float32 or t.device.type != "cpu" or t.dim() < 1 or t.requires_grad \
-                or not per_sample_contiguous(t):
+        if type(t) is not torch.Tensor or t.dtype != torch.float32 or t.device.type != "cpu" or t.dim() < 1 \
+                or t.requires_grad or not per_sample_contiguous(t) or _is_wrapped(t):
             return False
     return True
+
+
+def _is_wrapped(t: torch.Tensor) -> bool:
+    return _functorch_wrapped is not None and _functorch_wrapped(t)
+
+
+_functorch_wrapped = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", None)
 
 
 def counter_normals(seed: torch.Tensor, sample_index: torch.Tensor, step: torch.Tensor, out: torch.Tensor) -> None:

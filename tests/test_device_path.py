@@ -382,3 +382,16 @@ def test_thread_count_and_concurrency_do_not_change_bits():
     for r in results[1:]:
         assert torch.equal(r, results[0])
     assert threading.active_count() < 64
+
+
+def test_vmap_and_subclasses_take_the_eager_path():
+    x, o = _xo()
+    want = torch.stack([ddim_step(o[i:i + 1], 500, x[i:i + 1], S, eta=0.0).prev_sample[0] for i in range(3)])
+    got = torch.vmap(lambda a, b: ddim_step(b[None], 500, a[None], S, eta=0.0).prev_sample[0])(x, o)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+    class Sub(torch.Tensor):
+        pass
+
+    assert not _cpu.eligible(x.as_subclass(Sub))
+    assert _cpu.eligible(x, o)
