@@ -395,3 +395,20 @@ def test_vmap_and_subclasses_take_the_eager_path():
 
     assert not _cpu.eligible(x.as_subclass(Sub))
     assert _cpu.eligible(x, o)
+
+
+def test_float64_table_is_cast_once_and_recast_after_rewrite(monkeypatch):
+    x, o = _xo()
+    t = torch.tensor([5, 5, 5])
+    tab = T.ddpm_table(S, "epsilon", "fixed_small", False)              # float64, as a caller may still pass
+    a = ops.fused_step(tab, t, x, o, stochastic=False, backend="torch").prev_sample
+    with no_float64(monkeypatch):
+        b = ops.fused_step(tab, t, x, o, stochastic=False, backend="torch").prev_sample
+    assert torch.equal(a, b)
+    torch.testing.assert_close(a, ops.fused_step(tab.float(), t, x, o, stochastic=False,
+                                                 backend="torch").prev_sample, rtol=0, atol=0)
+    tab[5, T.COL["C1"]] *= 2                                              # an in-place rewrite (set_timesteps)
+    c = ops.fused_step(tab, t, x, o, stochastic=False, backend="torch").prev_sample
+    assert not torch.equal(a, c)
+    torch.testing.assert_close(c, ops.fused_step(tab.float(), t, x, o, stochastic=False,
+                                                 backend="torch").prev_sample, rtol=0, atol=0)
