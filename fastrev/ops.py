@@ -319,10 +319,10 @@ def fused_step(table, t, sample, model_output, *, learned=False, variance_type="
 
     * ``"triton"``: the fused kernel; ``table`` float32 on the sample's device.
     * ``"torch"``: the same update in eager torch in float32 (float64 when an input is float64), output in the
-      sample's dtype; ``table`` float32 on the sample's device (:func:`table_dtype`; a float64 table is accepted,
-      and only its gathered [B, NCOL] rows are cast). float32 CPU tensors without autograd run it as one compiled
-      pass (:mod:`fastrev._cpu`); anything else (float16/bfloat16, MPS, XPU, autograd) as torch ops
-      (:func:`fastrev.tables.apply_table`).
+      sample's dtype; ``table`` float32 on the sample's device (:func:`table_dtype`; a float64 table is accepted
+      and cast once per table version, never gathered in float64 per step). Plain float32 CPU tensors without
+      autograd (per-sample contiguous) run it as one compiled pass (:mod:`fastrev._cpu`); anything else
+      (float16/bfloat16, MPS, XPU, autograd) as torch ops (:func:`fastrev.tables.apply_table`).
     * ``"reference"``: the float64 twin (:func:`fastrev.tables.apply_table` in float64) on the float64 table.
 
     The building block of the ops, the samplers and the diffusers schedulers: a new sampler is a new table.
