@@ -23,8 +23,8 @@ from .reference import PREDICTION_TYPES, VARIANCE_TYPES
 from .schedule import Schedule
 
 __all__ = ["NCOL", "COL", "VAR_MODES", "x0_coefficients", "eps_coefficients", "ddpm_table", "ddim_table",
-           "finish_table", "device_table", "apply_table", "eps_linear", "VAR_FIXED", "VAR_LOG", "VAR_RANGE",
-           "VAR_LINEAR"]
+           "finish_table", "device_table", "apply_table", "sorted_dynamic_threshold", "eps_linear", "VAR_FIXED",
+           "VAR_LOG", "VAR_RANGE", "VAR_LINEAR"]
 
 COL = dict(A=0, B=1, C0=2, C1=3, C2=4, SIGMA=5, LOG_LO=6, LOG_HI=7, CLIP=8, D=9)
 NCOL = 10
@@ -126,6 +126,27 @@ def device_table(schedule: Schedule, key: tuple, build, device, dtype=torch.floa
     return schedule.cached(("table",) + key + (dtype,), device, lambda: build().to(dtype).contiguous())
 
 
+def sorted_dynamic_threshold(x0, ratio=0.995, max_value=1.0):
+    """Dynamic thresholding (``reference.dynamic_threshold``'s semantics) from one sort and plain arithmetic: the
+    per-sample quantile with linear interpolation, s = clamp(q, 1, max_value), x̂₀ ← clamp(x̂₀, −s, s)/s. For devices
+    where ``torch.quantile(dim=...)``/``lerp``/``kthvalue`` are missing or unreliable (MPS: pytorch/pytorch#101878);
+    equal to the quantile path to an ulp of s. Keeps float32/float64, computes half precision in float32."""
+    dtype = x0.dtype
+    x = x0 if dtype in (torch.float32, torch.float64) else x0.float()
+    B = x.shape[0]
+    flat = x.reshape(B, -1)
+    n = flat.shape[1]
+    if n == 0:
+        return x0
+    srt = flat.abs().sort(dim=1).values
+    pos = ratio * (n - 1)
+    lo = int(pos)
+    hi = min(lo + 1, n - 1)
+    q = srt[:, lo] + (pos - lo) * (srt[:, hi] - srt[:, lo])
+    s = q.clamp(min=1.0, max=max_value).reshape((B,) + (1,) * (x.dim() - 1))
+    return (torch.clamp(x, -s, s) / s).to(dtype)
+
+
 def apply_table(table, rows, x, out, *, var=None, z=None, base=None, clip=False, thresholding=False,
                 ratio=0.995, max_value=1.0, var_mode=VAR_FIXED, dtype=torch.float64):
     """The fused kernel's update in eager torch, computed in ``dtype``, from a table: returns (x_{t−1}, x̂₀) in
@@ -151,7 +172,8 @@ def apply_table(table, rows, x, out, *, var=None, z=None, base=None, clip=False,
     xd, od = x.to(cd), out.to(cd)
     x0 = col("A") * xd + col("B") * od
     if thresholding:
-        x0 = dynamic_threshold(x0, ratio, max_value)
+        x0 = dynamic_threshold(x0, ratio, max_value) if x0.device.type in ("cpu", "cuda") else \
+            sorted_dynamic_threshold(x0, ratio, max_value)
     elif clip:
         r = col("CLIP")
         x0 = torch.maximum(torch.minimum(x0, r), -r)             # NaN-propagating, like the kernel's clamp

@@ -412,3 +412,18 @@ def test_float64_table_is_cast_once_and_recast_after_rewrite(monkeypatch):
     assert not torch.equal(a, c)
     torch.testing.assert_close(c, ops.fused_step(tab.float(), t, x, o, stochastic=False,
                                                  backend="torch").prev_sample, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("n", [1, 2, 7, 100, 1001])
+def test_sorted_dynamic_threshold_equals_the_quantile_one(dtype, n):
+    """The MPS/XPU thresholding (one sort, plain arithmetic) against reference.dynamic_threshold (torch.quantile)."""
+    from fastrev.reference import dynamic_threshold
+    g = torch.Generator().manual_seed(n)
+    x0 = (torch.randn((4, n), generator=g) * torch.tensor([0.5, 2.0, 3.0, 10.0])[:, None]).to(dtype)
+    for ratio, mx in ((0.995, 1.0), (0.9, 2.5), (0.5, 100.0), (1.0, 4.0)):
+        got = T.sorted_dynamic_threshold(x0, ratio, mx)
+        want = dynamic_threshold(x0, ratio, mx)
+        assert got.dtype == dtype
+        tol = 1e-6 if dtype == torch.float32 else (1e-14 if dtype == torch.float64 else 1e-2)
+        torch.testing.assert_close(got, want, rtol=tol, atol=tol)
