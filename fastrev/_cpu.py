@@ -89,9 +89,8 @@ def _launch(kernel, args, B: int, N: int) -> None:
         kernel(*args, 0, jobs)
         return
     with _POOL_LOCK:
-        if _POOL is None or _POOL_SIZE < n - 1:
-            if _POOL is not None:
-                _POOL.shutdown(wait=False)
+        if _POOL is None or _POOL_SIZE < n - 1:    # grow; a caller still holding the old pool finishes on it, and
+            # its idle threads exit once it is garbage (never shut down under a concurrent caller)
             _POOL, _POOL_SIZE = ThreadPoolExecutor(n - 1, thread_name_prefix="fastrev-cpu"), n - 1
         pool = _POOL
     bounds = [jobs * k // n for k in range(n + 1)]
