@@ -427,3 +427,24 @@ def test_sorted_dynamic_threshold_equals_the_quantile_one(dtype, n):
         assert got.dtype == dtype
         tol = 1e-6 if dtype == torch.float32 else (1e-14 if dtype == torch.float64 else 1e-2)
         torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs os.fork")
+def test_forked_child_runs_the_threaded_loop():
+    """A DataLoader-style fork after the parent used the thread pool: the child starts its own (no hang). The child
+    compares with numpy: torch's own multi-threaded ops are not fork-safe (libgomp), the compiled step is."""
+    import subprocess
+    import sys
+    code = ("import os, torch, fastrev\n"
+            "torch.set_num_threads(2)\n"
+            "S = fastrev.Schedule.linear(); x = torch.randn(4, 4, 128, 128)\n"
+            "a = fastrev.ddpm_step(x, 500, x, S, seed=1).prev_sample\n"
+            "pid = os.fork()\n"
+            "if pid == 0:\n"
+            "    b = fastrev.ddpm_step(x, 500, x, S, seed=1).prev_sample\n"
+            "    import numpy as np\n"
+            "    os._exit(0 if np.array_equal(a.numpy(), b.numpy()) else 3)\n"
+            "_, st = os.waitpid(pid, 0)\n"
+            "print('child', os.waitstatus_to_exitcode(st))\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and "child 0" in res.stdout, res.stderr
