@@ -64,7 +64,7 @@ def _host_side():
 @contextlib.contextmanager
 def no_float64(monkeypatch, device="cpu"):
     """Watch the block; host-side table builders (Schedule construction and its cached tables, the samplers'
-    respacing) run unwatched. Fails listing the float64 ops seen."""
+    respacing, fastrev.tables' float64 [T] builders) run unwatched. Fails listing the float64 ops seen."""
     import fastrev.samplers as samplers
 
     def paused(fn):
@@ -76,6 +76,8 @@ def no_float64(monkeypatch, device="cpu"):
     monkeypatch.setattr(Schedule, "cached", paused(Schedule.cached))
     monkeypatch.setattr(Schedule, "__init__", paused(Schedule.__init__))
     monkeypatch.setattr(samplers, "_respaced", paused(samplers._respaced))
+    for name in ("x0_coefficients", "eps_coefficients", "eps_linear", "finish_table", "ddpm_table", "ddim_table"):
+        monkeypatch.setattr(T, name, paused(getattr(T, name)))          # the float64 [T] host-side builders
     mode = NoFloat64(device)
     _ACTIVE.append(mode)
     try:
