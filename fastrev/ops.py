@@ -1,13 +1,20 @@
-"""Public ops: one reverse step, DDPM or DDIM, on the fused Triton kernel or on the float64 reference.
+"""Public ops: one reverse step, DDPM or DDIM, as one coefficient-table update.
 
-``backend="auto"`` runs the kernel on CUDA tensors and the reference on the CPU; ``"triton"`` on CPU tensors runs
-the kernel under the Triton interpreter (``TRITON_INTERPRET=1`` set before fastrev is imported), which is how CI
-tests it. ``"reference"`` (alias ``"torch"``) computes in float64 with :mod:`fastrev.reference` straight from the
-schedule — an independent path from the coefficient tables — and casts to the sample's dtype.
+Backends — one vocabulary shared by the ops, the samplers and the diffusers drop-ins (:data:`BACKENDS`):
+
+* ``"triton"``: the fused Triton kernel (CUDA, and ROCm through Triton's AMD backend; on CPU tensors only under the
+  Triton interpreter, ``TRITON_INTERPRET=1`` set before fastrev is imported — how CI tests it).
+* ``"torch"``: the same table update in eager torch, in float32 (float64 only when an input is float64), output in
+  the sample's storage dtype; float32 CPU tensors run it as one compiled pass with the counter noise inline
+  (:mod:`fastrev._cpu`). Runs on every device torch supports (CPU, MPS, XPU, CUDA), and under autograd.
+* ``"reference"``: the explicit float64 oracle, :mod:`fastrev.reference` straight from the schedule (an independent
+  path from the coefficient tables), cast to the sample's dtype. Needs float64 on the sample's device (not MPS).
+* ``"auto"``: ``"triton"`` on CUDA, ``"torch"`` elsewhere, for float64 inputs and under autograd.
 
 Dtype rule: the output has the sample's dtype; model output, noise and sample may be any mix of float16, bfloat16,
-float32 (and float64 on the reference backend); the kernel computes in float32. float64 inputs run on the
-reference under ``"auto"`` (the kernel would lose their precision).
+float32 (and float64 on the torch and reference backends); the kernel and the torch backend compute in float32.
+Coefficient tables are built once in float64 on the host and cast there (float32 on the device; float64 only for
+float64 inputs and the reference): no float64 tensor is created on the sample's device by the float32 paths.
 """
 
 from __future__ import annotations
@@ -17,15 +24,16 @@ from typing import NamedTuple, Optional
 import numpy as np
 import torch
 
+from . import _cpu
 from . import noise as _noise
 from . import reference as R
 from . import tables as T
 from .schedule import Schedule
 
-__all__ = ["StepOutput", "ddpm_step", "ddim_step", "BACKENDS", "resolve_timestep", "resolve_backend", "draw_seed",
-           "fused_step", "set_device_checks"]
+__all__ = ["StepOutput", "ddpm_step", "ddim_step", "BACKENDS", "resolve_timestep", "resolve_backend", "table_dtype",
+           "draw_seed", "fused_step", "set_device_checks"]
 
-BACKENDS = ("auto", "reference", "torch", "triton")
+BACKENDS = ("auto", "triton", "torch", "reference")
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -96,29 +104,41 @@ def resolve_timestep(timestep, B: int, num_timesteps: int, device) -> torch.Tens
 
 
 def resolve_backend(backend: str, device, *, any_f64: bool = False, needs_grad: bool = False) -> str:
-    """"triton" or "reference" for a backend name ("auto", "triton", "reference" / "torch") on ``device``.
+    """"triton", "torch" or "reference" for a backend name of :data:`BACKENDS` on ``device``.
 
-    "auto" is the kernel on CUDA unless float64 or autograd asks for the reference. An explicit "triton" raises a
-    clear error on a CPU without ``TRITON_INTERPRET=1``, on other devices, and for float64; with autograd it falls
-    back to the differentiable reference. Shared by the ops, the samplers and the diffusers drop-ins.
+    "auto" is the kernel on CUDA unless float64 or autograd asks for the torch update, and the torch update (float32)
+    everywhere else. An explicit "triton" raises a clear error on a CPU without ``TRITON_INTERPRET=1``, on other
+    devices, and for float64; with autograd it falls back to the differentiable torch update. "torch" and
+    "reference" are returned as they are. Shared by the ops, the samplers and the diffusers drop-ins.
     """
-    device = torch.device(device)
     if backend == "auto":
-        return "triton" if device.type == "cuda" and not any_f64 and not needs_grad else "reference"
-    if backend in ("reference", "torch"):
-        return "reference"
+        if not any_f64 and not needs_grad and torch.device(device).type == "cuda":
+            return "triton"
+        return "torch"
+    if backend == "torch" or backend == "reference":
+        return backend
     if backend != "triton":
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    device = torch.device(device)
     from .kernels import reverse_step as K
     if device.type == "cpu" and not K.INTERPRET:
         raise RuntimeError("backend='triton' on CPU tensors needs the Triton interpreter: set TRITON_INTERPRET=1 "
-                           "before importing fastrev, or use backend='reference' / 'auto'")
+                           "before importing fastrev, or use backend='torch' / 'auto'")
     if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"backend='triton' supports CUDA (and CPU under TRITON_INTERPRET=1), got {device}")
+        raise ValueError(f"backend='triton' supports CUDA (and CPU under TRITON_INTERPRET=1), got {device}; "
+                         "use backend='torch' / 'auto'")
     if any_f64:
-        raise TypeError("backend='triton' computes in float32; float64 tensors need backend='reference' "
-                        "(or 'auto', which picks it)")
-    return "reference" if needs_grad else "triton"
+        raise TypeError("backend='triton' computes in float32; float64 tensors need backend='torch' or 'reference' "
+                        "(or 'auto', which picks 'torch')")
+    return "torch" if needs_grad else "triton"
+
+
+def table_dtype(backend: str, any_f64: bool = False) -> torch.dtype:
+    """The dtype of the device coefficient table :func:`fused_step` wants for a resolved ``backend``: float32 for
+    "triton" and "torch" (float64 for "torch" only when an input is float64), float64 for "reference"."""
+    if backend == "reference" or (backend == "torch" and any_f64):
+        return torch.float64
+    return torch.float32
 
 
 _SEEDS: dict = {}
@@ -169,7 +189,7 @@ def draw_seed(generator: torch.Generator | None, device) -> torch.Tensor:
 def _per_sample_contiguous(x: torch.Tensor) -> bool:
     """Contiguous within each sample (dims 1..), any batch stride."""
     expected = 1
-    for size, stride in zip(reversed(x.shape[1:]), reversed(x.stride()[1:])):
+    for size, stride in zip(reversed(x.shape[1:]), reversed(x.stride()[1:]), strict=True):
         if size != 1 and stride != expected:
             return False
         expected *= size
@@ -247,7 +267,8 @@ def _step(kind, model_output, timestep, sample, schedule, *, prediction_type, va
 
     # ---- backend
     needs_grad = torch.is_grad_enabled() and (sample.requires_grad or model_output.requires_grad)
-    any_f64 = torch.float64 in (sample.dtype, model_output.dtype) or (noise is not None and noise.dtype == torch.float64)
+    any_f64 = torch.float64 in (sample.dtype, model_output.dtype) or (
+        noise is not None and noise.dtype == torch.float64)
     backend = resolve_backend(backend, device, any_f64=any_f64, needs_grad=needs_grad)
 
     # ---- noise source (the counter stream unless a tensor is given)
@@ -273,7 +294,7 @@ def _step(kind, model_output, timestep, sample, schedule, *, prediction_type, va
             prev = out
         return StepOutput(prev, x0.to(sample.dtype) if return_x0 else None)
 
-    # ---- the fused kernel
+    # ---- the table update (kernel or torch)
     if kind == "ddpm":
         key = ("ddpm", prediction_type, variance_type, clip, float(clip_sample_range))
         build = lambda: T.ddpm_table(schedule, prediction_type, variance_type, clip, clip_sample_range)  # noqa: E731
@@ -281,19 +302,28 @@ def _step(kind, model_output, timestep, sample, schedule, *, prediction_type, va
         key = ("ddim", prediction_type, float(eta), clip, float(clip_sample_range), bool(use_clipped_model_output))
         build = lambda: T.ddim_table(schedule, prediction_type, eta, clip, clip_sample_range,  # noqa: E731
                                      use_clipped_model_output)
-    table = T.device_table(schedule, key, build, device)
+    table = T.device_table(schedule, key, build, device, table_dtype(backend, any_f64))
     return fused_step(table, t, sample, model_output, learned=learned, variance_type=variance_type,
                       clip=clip, thresholding=thresholding, dynamic_thresholding_ratio=dynamic_thresholding_ratio,
                       sample_max_value=sample_max_value, noise=noise if stochastic else None,
-                      seed=seed_t, sample_offset=sample_offset, stochastic=stochastic, out=out, return_x0=return_x0)
+                      seed=seed_t, sample_offset=sample_offset, stochastic=stochastic, out=out, return_x0=return_x0,
+                      backend=backend)
 
 
 def fused_step(table, t, sample, model_output, *, learned=False, variance_type="fixed_small", clip=False,
                thresholding=False, dynamic_thresholding_ratio=0.995, sample_max_value=1.0, noise=None, seed=None,
                sample_offset=0, stochastic=True, out=None, return_x0=True, var_mode=None, step=None,
                base=None, backend="triton") -> StepOutput:
-    """One table step: the fused kernel (``backend="triton"``, a float32 device table) or its eager float64 twin
-    :func:`fastrev.tables.apply_table` (``"reference"``, any float table) — the same inputs, the same noise.
+    """One table step, x̂₀ = A·x + B·out (clip/threshold), x_{t−1} = C0·x̂₀ + C1·x + C2·out (+ D·base) + σ·z, on a
+    resolved backend (:func:`resolve_backend`) — the same inputs, the same counter noise on each:
+
+    * ``"triton"``: the fused kernel; ``table`` float32 on the sample's device.
+    * ``"torch"``: the same update in eager torch in float32 (float64 when an input is float64), output in the
+      sample's dtype; ``table`` float32 on the sample's device (:func:`table_dtype`; a float64 table is accepted
+      and cast once per table version, never gathered in float64 per step). Plain float32 CPU tensors without
+      autograd (per-sample contiguous) run it as one compiled pass (:mod:`fastrev._cpu`); anything else
+      (float16/bfloat16, MPS, XPU, autograd) as torch ops (:func:`fastrev.tables.apply_table`).
+    * ``"reference"``: the float64 twin (:func:`fastrev.tables.apply_table` in float64) on the float64 table.
 
     The building block of the ops, the samplers and the diffusers schedulers: a new sampler is a new table.
     ``t``: int64 [B] table rows. ``var_mode`` overrides the variance mode implied by ``variance_type`` (e.g.
@@ -303,6 +333,11 @@ def fused_step(table, t, sample, model_output, *, learned=False, variance_type="
     """
     if var_mode is None:   # the variance channels only count when the output carries them (learned=True)
         var_mode = T.VAR_MODES[variance_type] if learned else T.VAR_FIXED
+    if backend == "torch":
+        return _table_step_torch(table, t, sample, model_output, learned=learned, var_mode=var_mode, clip=clip,
+                                 thresholding=thresholding, ratio=dynamic_thresholding_ratio,
+                                 max_value=sample_max_value, noise=noise, seed=seed, sample_offset=sample_offset,
+                                 stochastic=stochastic, out=out, return_x0=return_x0, step=step, base=base)
     if backend == "reference":
         return _table_step_reference(table, t, sample, model_output, learned=learned, var_mode=var_mode, clip=clip,
                                      thresholding=thresholding, ratio=dynamic_thresholding_ratio,
@@ -346,6 +381,91 @@ def fused_step(table, t, sample, model_output, *, learned=False, variance_type="
     return StepOutput(prev, x0)
 
 
+def _f32_table(table: torch.Tensor) -> torch.Tensor:
+    """``table`` as float32: itself, or a cast copy kept on the table object and redone when the table is rewritten
+    (its version counter moves on in-place writes), so a float64 table costs one cast, not a float64 gather per
+    step on the device."""
+    if table.dtype == torch.float32:
+        return table
+    entry = getattr(table, "_fastrev_f32", None)
+    if entry is None or entry[0] != table._version:
+        entry = (table._version, table.to(torch.float32))
+        table._fastrev_f32 = entry
+    return entry[1]
+
+
+def _table_step_torch(table, t, sample, model_output, *, learned, var_mode, clip, thresholding, ratio, max_value,
+                      noise, seed, sample_offset, stochastic, out, return_x0, step, base) -> StepOutput:
+    """:func:`fused_step` on the "torch" backend: float32 (float64 when an input is), the sample's dtype out."""
+    C = sample.shape[1] if sample.dim() > 1 else 0
+    o, var = (model_output[:, :C], model_output[:, C:]) if learned else (model_output, None)
+    z = noise if stochastic else None
+    if _cpu.eligible(sample, o, var, z, base) and t.device.type == "cpu" and not (
+            torch.is_grad_enabled() and model_output.requires_grad) and table.device.type == "cpu":
+        return _table_step_cpu(table, t, sample, o, var, z, base, var_mode=var_mode, clip=clip,
+                               thresholding=thresholding, ratio=ratio, max_value=max_value, seed=seed,
+                               sample_offset=sample_offset, stochastic=stochastic, out=out, return_x0=return_x0,
+                               step=step)
+    f64 = torch.float64
+    cd = f64 if f64 in (sample.dtype, model_output.dtype) or (z is not None and z.dtype == f64) or (
+        base is not None and base.dtype == f64) else torch.float32
+    if cd == torch.float32:
+        table = _f32_table(table)
+    if stochastic and z is None:
+        z = _noise.noise_like(sample, seed, t if step is None else step, sample_offset)     # float32
+    prev, x0 = T.apply_table(table, t, sample, o, var=var, z=z, base=base, clip=clip, thresholding=thresholding,
+                             ratio=ratio, max_value=max_value, var_mode=var_mode, dtype=cd)
+    prev = prev.to(sample.dtype)
+    if out is not None:
+        out.copy_(prev)
+        prev = out
+    return StepOutput(prev, x0.to(sample.dtype) if return_x0 else None)
+
+
+_ARANGE: dict = {}
+
+
+def _sample_index(B: int, offset: int) -> torch.Tensor:
+    """int64 [B] CPU tensor offset + arange(B), cached (read-only)."""
+    key = (B, offset)
+    idx = _ARANGE.get(key)
+    if idx is None:
+        if len(_ARANGE) > 256:
+            _ARANGE.clear()
+        idx = _ARANGE[key] = torch.arange(offset, offset + B, dtype=torch.int64)
+    return idx
+
+
+def _table_step_cpu(table, t, sample, o, var, z, base, *, var_mode, clip, thresholding, ratio, max_value, seed,
+                    sample_offset, stochastic, out, return_x0, step) -> StepOutput:
+    """The torch backend's update for float32 CPU tensors: one compiled pass (:func:`fastrev._cpu.table_step`)."""
+    coef = _f32_table(table).index_select(0, t)
+    thresh = None
+    if thresholding:
+        B = sample.shape[0]
+        shape = (B,) + (1,) * (sample.dim() - 1)
+        x0 = coef[:, T.COL["A"]].reshape(shape) * sample + coef[:, T.COL["B"]].reshape(shape) * o
+        if x0[0].numel() if B else 0:
+            thresh = R.per_sample_quantile(x0.reshape(B, -1).abs(), ratio).clamp(min=1.0, max=max_value)
+        else:
+            thresh = torch.ones(B, dtype=torch.float32)
+    if out is not None and _cpu.eligible(out) and (out.shape[0] <= 1 or out.stride(0) >= sample[0].numel()):
+        prev = out
+    else:
+        prev = torch.empty_like(sample, memory_format=torch.contiguous_format)
+    x0 = torch.empty_like(sample, memory_format=torch.contiguous_format) if return_x0 else None
+    philox = stochastic and z is None
+    _cpu.table_step(coef, sample, o, var=var, z=z, base=base, thresh=thresh, clip=clip, var_mode=var_mode,
+                    seed=seed if philox else None,
+                    sample_index=_sample_index(sample.shape[0], sample_offset) if philox else None,
+                    step=(t if step is None else step.contiguous()) if philox else None,
+                    stochastic=stochastic, prev=prev, x0=x0)
+    if out is not None and prev is not out:
+        out.copy_(prev)
+        prev = out
+    return StepOutput(prev, x0)
+
+
 def _table_step_reference(table, t, sample, model_output, *, learned, var_mode, clip, thresholding, ratio, max_value,
                           noise, seed, sample_offset, stochastic, out, return_x0, step, base) -> StepOutput:
     """:func:`fused_step` in eager float64 torch (:func:`fastrev.tables.apply_table`), cast to the sample's dtype."""
@@ -356,7 +476,7 @@ def _table_step_reference(table, t, sample, model_output, *, learned, var_mode, 
         z = noise if noise is not None else _noise.noise_like(sample, seed, t if step is None else step,
                                                                 sample_offset)
     prev, x0 = T.apply_table(table, t, sample, o, var=var, z=z, base=base, clip=clip, thresholding=thresholding,
-                             ratio=ratio, max_value=max_value, var_mode=var_mode)
+                             ratio=ratio, max_value=max_value, var_mode=var_mode, dtype=torch.float64)
     prev = prev.to(sample.dtype)
     if out is not None:
         out.copy_(prev)
@@ -427,7 +547,8 @@ _DOC_ARGS = """
             samples ``sample_offset + arange(B)`` at step t (:mod:`fastrev.noise`); else a seed drawn from
             ``generator`` (or torch's default generator).
         out: where to write x_{t−1} (may be ``sample`` itself: in place).
-        backend: "auto" (triton on CUDA, reference elsewhere), "triton", "reference" (alias "torch").
+        backend: "auto" (triton on CUDA, torch elsewhere), "triton" (the fused kernel), "torch" (the same table
+            update in eager float32 torch), "reference" (the float64 oracle); see the module doc.
         return_x0: also write x̂₀ (16 B/elem in fp32 instead of 12).
     Returns:
         StepOutput(prev_sample, pred_original_sample)

@@ -23,7 +23,8 @@ from .reference import PREDICTION_TYPES, VARIANCE_TYPES
 from .schedule import Schedule
 
 __all__ = ["NCOL", "COL", "VAR_MODES", "x0_coefficients", "eps_coefficients", "ddpm_table", "ddim_table",
-           "finish_table", "device_table", "apply_table", "eps_linear", "VAR_FIXED", "VAR_LOG", "VAR_RANGE", "VAR_LINEAR"]
+           "finish_table", "device_table", "apply_table", "sorted_dynamic_threshold", "eps_linear", "VAR_FIXED",
+           "VAR_LOG", "VAR_RANGE", "VAR_LINEAR"]
 
 COL = dict(A=0, B=1, C0=2, C1=3, C2=4, SIGMA=5, LOG_LO=6, LOG_HI=7, CLIP=8, D=9)
 NCOL = 10
@@ -116,45 +117,75 @@ def ddim_table(schedule: Schedule, prediction_type="epsilon", eta=0.0, clip=Fals
     return finish_table(A, B, C0, C1, C2, sigma, clip=clip, clip_range=clip_range)
 
 
-def device_table(schedule: Schedule, key: tuple, build, device) -> torch.Tensor:
-    """``build()`` (float64 [T, NCOL]) as a contiguous float32 table on ``device``, cached on the schedule."""
-    return schedule.cached(("table",) + key, device, lambda: build().to(torch.float32).contiguous())
+def device_table(schedule: Schedule, key: tuple, build, device, dtype=torch.float32) -> torch.Tensor:
+    """``build()`` (float64 [T, NCOL], built on the host) as a contiguous ``dtype`` table on ``device`` (float32 for
+    the kernel and the torch path; float64 only for float64 inputs and the reference), cached on the schedule. The
+    cast happens on the host: no float64 tensor reaches ``device`` unless ``dtype`` is float64."""
+    if dtype == torch.float32:      # the historical cache key: float32 tables are shared with older callers
+        return schedule.cached(("table",) + key, device, lambda: build().to(torch.float32).contiguous())
+    return schedule.cached(("table",) + key + (dtype,), device, lambda: build().to(dtype).contiguous())
+
+
+def sorted_dynamic_threshold(x0, ratio=0.995, max_value=1.0):
+    """Dynamic thresholding (``reference.dynamic_threshold``'s semantics) from one sort and plain arithmetic: the
+    per-sample quantile with linear interpolation, s = clamp(q, 1, max_value), x̂₀ ← clamp(x̂₀, −s, s)/s. For devices
+    where ``torch.quantile(dim=...)``/``lerp``/``kthvalue`` are missing or unreliable (MPS: pytorch/pytorch#101878);
+    equal to the quantile path to an ulp of s. Keeps float32/float64, computes half precision in float32."""
+    dtype = x0.dtype
+    x = x0 if dtype in (torch.float32, torch.float64) else x0.float()
+    B = x.shape[0]
+    flat = x.reshape(B, -1)
+    n = flat.shape[1]
+    if n == 0:
+        return x0
+    srt = flat.abs().sort(dim=1).values
+    pos = ratio * (n - 1)
+    lo = int(pos)
+    hi = min(lo + 1, n - 1)
+    q = srt[:, lo] + (pos - lo) * (srt[:, hi] - srt[:, lo])
+    s = q.clamp(min=1.0, max=max_value).reshape((B,) + (1,) * (x.dim() - 1))
+    return (torch.clamp(x, -s, s) / s).to(dtype)
 
 
 def apply_table(table, rows, x, out, *, var=None, z=None, base=None, clip=False, thresholding=False,
-                ratio=0.995, max_value=1.0, var_mode=VAR_FIXED):
-    """The fused kernel's update in eager torch, in float64, from a table: returns (x_{t−1}, x̂₀).
+                ratio=0.995, max_value=1.0, var_mode=VAR_FIXED, dtype=torch.float64):
+    """The fused kernel's update in eager torch, computed in ``dtype``, from a table: returns (x_{t−1}, x̂₀) in
+    ``dtype``.
 
     ``table``: [T, NCOL] (any float dtype, any device); ``rows``: int64 [B]; ``x``/``out``/``var``/``z``/``base``:
     [B, ...] (``var`` the learned-variance channels, ``z`` the noise or None for no noise). Thresholding uses the
-    reference's ``dynamic_threshold``. This is what the samplers and the diffusers drop-in run off CUDA, and the
-    torch twin of ``kernels/reverse_step.py`` (tests hold the two to the float64 reference independently).
+    reference's ``dynamic_threshold``. ``dtype=torch.float32`` is the "torch" backend's update (what the ops, the
+    samplers and the diffusers drop-ins run off CUDA; every op stays in float32, so it runs where float64 does not,
+    e.g. MPS); ``float64`` (the default) is the float64 twin used by ``backend="reference"`` on a float64 table.
+    Both are the torch twin of ``kernels/reverse_step.py`` (tests hold each to the float64 reference).
     """
     from .reference import dynamic_threshold
 
-    f64 = torch.float64
+    cd = dtype
     shape = (x.shape[0],) + (1,) * (x.dim() - 1)
-    c = table.index_select(0, rows).to(f64)
+    c = table.index_select(0, rows)
+    c = c if c.dtype == cd else c.to(cd)
 
     def col(name):
         return c[:, COL[name]].reshape(shape)
 
-    xd, od = x.to(f64), out.to(f64)
+    xd, od = x.to(cd), out.to(cd)
     x0 = col("A") * xd + col("B") * od
     if thresholding:
-        x0 = dynamic_threshold(x0, ratio, max_value)
+        x0 = dynamic_threshold(x0, ratio, max_value) if x0.device.type in ("cpu", "cuda") else \
+            sorted_dynamic_threshold(x0, ratio, max_value)
     elif clip:
         r = col("CLIP")
         x0 = torch.maximum(torch.minimum(x0, r), -r)             # NaN-propagating, like the kernel's clamp
     prev = col("C0") * x0 + col("C1") * xd + col("C2") * od
     if base is not None:
-        prev = prev + col("D") * base.to(f64)
+        prev = prev + col("D") * base.to(cd)
     if z is not None:
         sig = col("SIGMA")
         if var_mode == VAR_FIXED:
             sigma = sig
         else:
-            v = var.to(f64)
+            v = var.to(cd)
             if var_mode == VAR_LOG:
                 sigma = sig * torch.exp(0.5 * v)
             elif var_mode == VAR_RANGE:
@@ -162,5 +193,5 @@ def apply_table(table, rows, x, out, *, var=None, z=None, base=None, clip=False,
                 sigma = sig * torch.exp(0.5 * (frac * col("LOG_HI") + (1.0 - frac) * col("LOG_LO")))
             else:
                 sigma = sig * torch.sqrt(v)
-        prev = torch.where(sig != 0, prev + sigma * z.to(f64), prev)      # the table's switch, as the kernel
+        prev = torch.where(sig != 0, prev + sigma * z.to(cd), prev)      # the table's switch, as the kernel
     return prev, x0

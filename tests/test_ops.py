@@ -1,4 +1,5 @@
-"""Public ops on the reference backend: semantics, noise sources, timestep forms, dtypes and validation."""
+"""Public ops off CUDA — the default "torch" backend (float32 table update) and the float64 "reference": semantics,
+noise sources, timestep forms, dtypes and validation."""
 
 import pytest
 import torch
@@ -130,6 +131,26 @@ def test_autograd_through_reference():
     # ∂x_{t−1}/∂ε for ε-prediction with η = 0 is −√ᾱ_{t−1}√(1−ᾱ)/√ᾱ + √(1 − ᾱ_{t−1})
     g = -(S.alpha_bars[299] * (1 - ab) / ab).sqrt() + (1 - S.alpha_bars[299]).sqrt()
     torch.testing.assert_close(o.grad, torch.full_like(o, g.item()), rtol=1e-5, atol=1e-6)
+
+
+def test_default_off_cuda_is_the_torch_backend():
+    x, o = _inputs()
+    a = ddpm_step(o, 10, x, S, seed=3, clip_sample=True)
+    b = ddpm_step(o, 10, x, S, seed=3, clip_sample=True, backend="torch")
+    assert torch.equal(a.prev_sample, b.prev_sample) and torch.equal(a.pred_original_sample, b.pred_original_sample)
+    c = ddpm_step(o, 10, x, S, seed=3, clip_sample=True, backend="reference")
+    torch.testing.assert_close(a.prev_sample, c.prev_sample, rtol=1e-6, atol=1e-6)
+    assert not torch.equal(a.prev_sample, ddpm_step(o, 10, x, S, seed=4, clip_sample=True).prev_sample)
+
+
+@pytest.mark.parametrize("fn,kw", [(ddpm_step, dict(variance_type="learned_range")), (ddim_step, dict(eta=0.6))])
+def test_float64_inputs_stay_float64_on_the_torch_backend(fn, kw):
+    x, o = _inputs(dtype=torch.float64, learned="variance_type" in kw)
+    t = torch.tensor([1, 200, 700, 999])
+    got = fn(o, t, x, S, seed=2, clip_sample=True, backend="torch", **kw)
+    want = fn(o, t, x, S, seed=2, clip_sample=True, backend="reference", **kw)
+    assert got.prev_sample.dtype == torch.float64
+    torch.testing.assert_close(got.prev_sample, want.prev_sample, rtol=1e-12, atol=1e-12)
 
 
 def test_empty_batch():
