@@ -338,8 +338,9 @@ def fused_step(table, t, sample, model_output, *, learned=False, variance_type="
     else:
         prev = _alloc(sample)
     x0 = _alloc(sample) if return_x0 else None
-    K.reverse_step(x, eps_part, var_part, z, None if base is None else _flat_view(base), thresh, table, t, step,
-                   seed, prev, x0, sample_offset, clip_mode, var_mode, noise_mode)
+    K.reverse_step(K.StepTensors(x, eps_part, table, t, prev, var=var_part, noise=z, thresh=thresh, step=step,
+                                 seed=seed, x0=x0, base=None if base is None else _flat_view(base)),
+                   sample_offset=sample_offset, clip_mode=clip_mode, var_mode=var_mode, noise_mode=noise_mode)
     if out is not None and prev is not out:
         out.copy_(prev)
         prev = out

@@ -20,24 +20,40 @@ Bytes moved per element, float32 storage (the minimum for the step):
     read x (4) + read out (4) + write x_{t−1} (4) + write x̂₀ (4)           = 16 B   (12 B without x̂₀)
     + 4 B to read external noise, + 4 B to read learned-variance channels; the table, t and s are O(B) bytes.
     bfloat16 / float16 storage halve every term; the math is float32.
+
+Host side: one launcher, :func:`reverse_step`, taking the tensors as a :class:`StepTensors` named tuple and the
+modes of :mod:`fastrev.kernels.modes`; it picks int32/int64 offsets, the grid and the CUDA device, and goes through
+the registered ``torch.ops.fastrev.reverse_step`` when torch.compile traces it. docs/kernel.md has the cost model.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
+from fastrev.kernels import modes
+from fastrev.kernels.modes import (
+    CLIP_NONE,
+    CLIP_RANGE,
+    CLIP_THRESHOLD,
+    NOISE_NONE,
+    NOISE_PHILOX,
+    NOISE_TENSOR,
+    VAR_FIXED,
+    VAR_LINEAR,
+    VAR_LOG,
+    VAR_RANGE,
+)
 
-__all__ = ["reverse_step", "launch_reverse_step", "INTERPRET", "CLIP_NONE", "CLIP_RANGE", "CLIP_THRESHOLD",
-           "NOISE_NONE", "NOISE_TENSOR", "NOISE_PHILOX"]
+__all__ = ["StepTensors", "reverse_step", "device_guard", "INTERPRET", "CLIP_NONE", "CLIP_RANGE", "CLIP_THRESHOLD",
+           "VAR_FIXED", "VAR_LOG", "VAR_RANGE", "VAR_LINEAR", "NOISE_NONE", "NOISE_TENSOR", "NOISE_PHILOX"]
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
-CLIP_NONE, CLIP_RANGE, CLIP_THRESHOLD = 0, 1, 2
-NOISE_NONE, NOISE_TENSOR, NOISE_PHILOX = 0, 1, 2
 # table columns (fastrev.tables.COL)
 _A, _B, _C0, _C1, _C2, _SIGMA, _LOG_LO, _LOG_HI, _CLIP, _D = (tl.constexpr(i) for i in range(10))
 
@@ -85,7 +101,7 @@ def _counter_normals(seed, group, sample, step, SAMPLES: tl.constexpr, BLOCK_N: 
 @triton.jit(do_not_specialize=["sample_offset"])
 def _reverse_step_kernel(
     x_ptr, out_ptr, var_ptr, noise_ptr, base_ptr,       # inputs [B, N]: x_t, model output, variance channels, z, base
-    thresh_ptr, table_ptr, t_ptr, step_ptr, seed_ptr,    # float32 [B]; float32 [T, NCOL]; int64 [B]; int64 [B]; int64 [1]
+    thresh_ptr, table_ptr, t_ptr, step_ptr, seed_ptr,    # fp32 [B]; fp32 [T, NCOL]; int64 [B]; int64 [B]; int64 [1]
     prev_ptr, x0_ptr,                                    # outputs [B, N]
     B, N, sample_offset,
     stride_x, stride_out, stride_var, stride_noise, stride_base, stride_prev, stride_x0, table_stride,
@@ -118,10 +134,10 @@ def _reverse_step_kernel(
     o = tl.load(out_ptr + rows[:, None] * stride_out + cols[None, :], mask=mask, other=0.0).to(tl.float32)
 
     x0 = a * x + b * o
-    if CLIP_MODE == 1:
+    if CLIP_MODE == modes.CLIP_RANGE:
         r = tl.load(coef + _CLIP, mask=row_ok, other=1.0)[:, None]
         x0 = tl.clamp(x0, -r, r, propagate_nan=tl.PropagateNan.ALL)
-    elif CLIP_MODE == 2:
+    elif CLIP_MODE == modes.CLIP_THRESHOLD:
         s = tl.load(thresh_ptr + rows, mask=row_ok, other=1.0)[:, None]
         x0 = tl.clamp(x0, -s, s, propagate_nan=tl.PropagateNan.ALL) / s
     prev = c0 * x0 + c1 * x + c2 * o
@@ -130,24 +146,24 @@ def _reverse_step_kernel(
         base = tl.load(base_ptr + rows[:, None] * stride_base + cols[None, :], mask=mask, other=0.0)
         prev += d * base.to(tl.float32)
 
-    if NOISE_MODE != 0:
-        if VAR_MODE == 0:
+    if NOISE_MODE != modes.NOISE_NONE:
+        if VAR_MODE == modes.VAR_FIXED:
             sigma = sig
         else:
             v = tl.load(var_ptr + rows[:, None] * stride_var + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-            if VAR_MODE == 1:
+            if VAR_MODE == modes.VAR_LOG:
                 sigma = sig * tl.exp(0.5 * v)
-            elif VAR_MODE == 2:
+            elif VAR_MODE == modes.VAR_RANGE:
                 lo = tl.load(coef + _LOG_LO, mask=row_ok, other=0.0)[:, None]
                 hi = tl.load(coef + _LOG_HI, mask=row_ok, other=0.0)[:, None]
                 frac = (v + 1.0) * 0.5
                 sigma = sig * tl.exp(0.5 * (frac * hi + (1.0 - frac) * lo))
-            else:
+            else:  # modes.VAR_LINEAR
                 sigma = sig * tl.sqrt(v)
-        if NOISE_MODE == 1:
+        if NOISE_MODE == modes.NOISE_TENSOR:
             z = tl.load(noise_ptr + rows[:, None] * stride_noise + cols[None, :], mask=mask, other=0.0)
             z = z.to(tl.float32)
-        else:
+        else:  # modes.NOISE_PHILOX
             seed = tl.load(seed_ptr)
             group = pid_n * (BLOCK_N // 4) + tl.arange(0, BLOCK_N // 4)
             step = tl.load(step_ptr + rows, mask=row_ok, other=0)
@@ -161,9 +177,31 @@ def _reverse_step_kernel(
         tl.store(x0_ptr + rows[:, None] * stride_x0 + cols[None, :], x0.to(x0_ptr.dtype.element_ty), mask=mask)
 
 
-# ------------------------------------------------------------------------------------------------ launcher
+# ------------------------------------------------------------------------------------------------ host side
 _TILE = 1024          # elements per program
 _NUM_WARPS = 4
+
+
+class StepTensors(NamedTuple):
+    """The tensors of one step. Every [B, ...] tensor is contiguous within each sample (any batch stride).
+
+    x, out: x_t and the model output (its ε/x₀/v part); table: float32 [T, NCOL] contiguous; t: int64 [B] contiguous
+    table rows; prev: x_{t−1} (written). Optional: var (learned-variance channels), noise (z), base (third state,
+    column D), thresh (float32 [B] dynamic-threshold scale), step (int64 [B] noise steps; None: t), seed (int64 [1],
+    read iff noise_mode is NOISE_PHILOX), x0 (x̂₀, written when given).
+    """
+    x: torch.Tensor
+    out: torch.Tensor
+    table: torch.Tensor
+    t: torch.Tensor
+    prev: torch.Tensor
+    var: torch.Tensor | None = None
+    noise: torch.Tensor | None = None
+    base: torch.Tensor | None = None
+    thresh: torch.Tensor | None = None
+    step: torch.Tensor | None = None
+    seed: torch.Tensor | None = None
+    x0: torch.Tensor | None = None
 
 
 def _tile(n: int):
@@ -179,26 +217,6 @@ def _span(t: torch.Tensor | None, B: int, N: int) -> int:
     return (B - 1) * abs(t.stride(0)) + N
 
 
-def _batch_stride(t: torch.Tensor | None) -> int:
-    return 0 if t is None else t.stride(0)
-
-
-def _launch(kernel, x, out, var, noise, base, thresh, table, t, step, seed, prev, x0, sample_offset: int,
-            clip_mode: int, var_mode: int, noise_mode: int, force_int64: bool = False) -> None:
-    B = x.shape[0]
-    N = x[0].numel() if B else 0
-    if B == 0 or N == 0:
-        return
-    samples, block_n = _tile(N)
-    # int64 offsets only when some tensor's [B, N] view reaches past 2^31 elements (chosen here, on the host)
-    span = max(_span(a, B, N) for a in (x, out, var, noise, base, prev, x0))
-    int64 = bool(force_int64) or span >= 2**31 - 1 or B >= 2**31 - 1
-    grid = (triton.cdiv(B, samples) * triton.cdiv(N, block_n),)
-    with device_guard(x.device):
-        _run(kernel, grid, x, out, var, noise, base, thresh, table, t, step, seed, prev, x0, B, N, sample_offset,
-             clip_mode, var_mode, noise_mode, samples, block_n, int64)
-
-
 def device_guard(device: torch.device):
     """Triton launches on the *current* CUDA device: make it the tensors' device (cuda:1, a torchrun rank ...)."""
     if device.type == "cuda" and device.index is not None and device.index != torch.cuda.current_device():
@@ -206,40 +224,48 @@ def device_guard(device: torch.device):
     return contextlib.nullcontext()
 
 
-def _run(kernel, grid, x, out, var, noise, base, thresh, table, t, step, seed, prev, x0, B, N, sample_offset,
-         clip_mode, var_mode, noise_mode, samples, block_n, int64):
-    kernel[grid](
-        x, out, var if var is not None else x, noise if noise is not None else x, base if base is not None else x,
-        thresh if thresh is not None else x, table, t, step if step is not None else t,
-        seed if seed is not None else t, prev, x0 if x0 is not None else prev,
-        B, N, sample_offset,
-        x.stride(0), out.stride(0), _batch_stride(var), _batch_stride(noise), _batch_stride(base), prev.stride(0),
-        _batch_stride(x0), table.stride(0),
-        CLIP_MODE=clip_mode, VAR_MODE=var_mode, NOISE_MODE=noise_mode, WRITE_X0=x0 is not None,
-        HAS_BASE=base is not None, SAMPLES=samples, BLOCK_N=block_n, INT64=int64, num_warps=_NUM_WARPS,
-    )
+def _launch(kernel, ts: StepTensors, sample_offset: int, clip_mode: int, var_mode: int, noise_mode: int,
+            force_int64: bool) -> None:
+    x, prev = ts.x, ts.prev
+    B = x.shape[0]
+    N = x[0].numel() if B else 0
+    if B == 0 or N == 0:
+        return
+    samples, block_n = _tile(N)
+    # int64 offsets only when some tensor's [B, N] view reaches past 2^31 elements (chosen here, on the host)
+    span = max(_span(a, B, N) for a in (x, ts.out, ts.var, ts.noise, ts.base, prev, ts.x0))
+    int64 = bool(force_int64) or span >= 2**31 - 1 or B >= 2**31 - 1
+    grid = (triton.cdiv(B, samples) * triton.cdiv(N, block_n),)
+    # absent optional tensors: any valid pointer (never read: the constexpr modes switch their loads off)
+    either = lambda a, b: b if a is None else a  # noqa: E731
+    stride = lambda a: 0 if a is None else a.stride(0)  # noqa: E731
+    with device_guard(x.device):
+        kernel[grid](
+            x, ts.out, either(ts.var, x), either(ts.noise, x), either(ts.base, x), either(ts.thresh, x), ts.table,
+            ts.t, either(ts.step, ts.t), either(ts.seed, ts.t), prev, either(ts.x0, prev),
+            B, N, int(sample_offset),
+            x.stride(0), ts.out.stride(0), stride(ts.var), stride(ts.noise), stride(ts.base), prev.stride(0),
+            stride(ts.x0), ts.table.stride(0),
+            CLIP_MODE=clip_mode, VAR_MODE=var_mode, NOISE_MODE=noise_mode, WRITE_X0=ts.x0 is not None,
+            HAS_BASE=ts.base is not None, SAMPLES=samples, BLOCK_N=block_n, INT64=int64, num_warps=_NUM_WARPS,
+        )
 
 
-def launch_reverse_step(x, out, var, noise, base, thresh, table, t, step, seed, prev, x0, sample_offset: int,
-                        clip_mode: int, var_mode: int, noise_mode: int, force_int64: bool = False) -> None:
-    """Launch the kernel directly (no torch.library op). Every [B, ...] tensor must be contiguous within each
-    sample (any batch stride); ``table`` float32 [T, NCOL] contiguous; ``t`` int64 [B] contiguous (table rows);
-    ``step`` int64 [B] noise steps (None: ``t``); ``seed`` int64 [1] (read iff noise_mode is NOISE_PHILOX);
-    ``var``/``noise``/``base``/``thresh``/``x0`` may be None. Writes ``prev`` (and ``x0``)."""
-    _launch(_reverse_step_kernel, x, out, var, noise, base, thresh, table, t, step, seed, prev, x0,
-            int(sample_offset), clip_mode, var_mode, noise_mode, force_int64)
+def reverse_step(ts: StepTensors, *, sample_offset: int = 0, clip_mode: int = CLIP_NONE, var_mode: int = VAR_FIXED,
+                 noise_mode: int = NOISE_NONE, force_int64: bool = False, via_op: bool | None = None) -> None:
+    """Launch the fused step: writes ``ts.prev`` (and ``ts.x0``). The one launcher of the kernel.
 
-
-def reverse_step(x, out, var, noise, base, thresh, table, t, step, seed, prev, x0, sample_offset: int,
-                 clip_mode: int, var_mode: int, noise_mode: int, force_int64: bool = False) -> None:
-    """The registered op ``fastrev::reverse_step`` (mutates ``prev`` and ``x0``); arguments as
-    :func:`launch_reverse_step`. Eager calls skip the op's dispatcher and launch directly (tens of µs less per
-    step where the step is launch-bound); code being compiled by torch.compile goes through the op."""
-    if not _is_compiling():
-        return _launch(_reverse_step_kernel, x, out, var, noise, base, thresh, table, t, step, seed, prev, x0,
-                       int(sample_offset), clip_mode, var_mode, noise_mode, force_int64)
-    return _op(x, out, var, noise, base, thresh, table, t, step, seed, prev, x0, int(sample_offset), clip_mode,
-               var_mode, noise_mode, bool(force_int64))
+    ``sample_offset``: global index of sample 0 in the counter stream; the modes are :mod:`fastrev.kernels.modes`
+    constants; ``force_int64`` forces 64-bit offsets (chosen automatically past 2³¹ elements). ``via_op``: go
+    through the registered op ``torch.ops.fastrev.reverse_step`` (default: only while torch.compile traces the
+    call; eager calls launch directly, tens of µs less per step where the step is launch-bound).
+    """
+    if via_op is None:
+        via_op = _is_compiling()
+    if via_op:
+        _op(*ts, int(sample_offset), int(clip_mode), int(var_mode), int(noise_mode), bool(force_int64))
+    else:
+        _launch(_reverse_step_kernel, ts, sample_offset, clip_mode, var_mode, noise_mode, force_int64)
 
 
 def _is_compiling() -> bool:
@@ -249,20 +275,20 @@ def _is_compiling() -> bool:
 
 def _register():
     """Register through ``torch.library.triton_op`` so torch.compile'd code calls the kernel without a graph
-    break (the compiler sees the Triton kernel itself)."""
+    break (the compiler sees the Triton kernel itself). The op's schema is StepTensors' fields, then the modes."""
     triton_op = getattr(torch.library, "triton_op", None)
     wrap = getattr(torch.library, "wrap_triton", None)
     if triton_op is None or wrap is None:  # pragma: no cover - torch < 2.6
-        return launch_reverse_step
+        return lambda *a: _launch(_reverse_step_kernel, StepTensors(*a[:12]), *a[12:])
 
     @triton_op("fastrev::reverse_step", mutates_args={"prev", "x0"})
-    def _reverse_step_op(x: torch.Tensor, out: torch.Tensor, var: torch.Tensor | None, noise: torch.Tensor | None,
-                         base: torch.Tensor | None, thresh: torch.Tensor | None, table: torch.Tensor,
-                         t: torch.Tensor, step: torch.Tensor | None, seed: torch.Tensor | None, prev: torch.Tensor,
-                         x0: torch.Tensor | None, sample_offset: int, clip_mode: int, var_mode: int,
-                         noise_mode: int, force_int64: bool) -> None:
-        _launch(wrap(_reverse_step_kernel), x, out, var, noise, base, thresh, table, t, step, seed, prev, x0,
-                sample_offset, clip_mode, var_mode, noise_mode, force_int64)
+    def _reverse_step_op(x: torch.Tensor, out: torch.Tensor, table: torch.Tensor, t: torch.Tensor, prev: torch.Tensor,
+                         var: torch.Tensor | None, noise: torch.Tensor | None, base: torch.Tensor | None,
+                         thresh: torch.Tensor | None, step: torch.Tensor | None, seed: torch.Tensor | None,
+                         x0: torch.Tensor | None, sample_offset: int, clip_mode: int, var_mode: int, noise_mode: int,
+                         force_int64: bool) -> None:
+        ts = StepTensors(x, out, table, t, prev, var, noise, base, thresh, step, seed, x0)
+        _launch(wrap(_reverse_step_kernel), ts, sample_offset, clip_mode, var_mode, noise_mode, force_int64)
 
     return _reverse_step_op
 

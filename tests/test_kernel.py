@@ -88,8 +88,6 @@ def test_ddpm_matrix(pred, var, clip, n):
                                                   **{**kw, "noise": torch.zeros_like(z)}).prev_sample).abs() \
             / z.double().abs().clamp_min(1e-30)
     x0_terms, prev_terms = _bound(table, t, x, o, z, var_sigma)
-    if clip == "threshold":
-        x0_terms = x0_terms / 1.0       # x̂₀/s with s >= 1 only shrinks the error
     _check(got.pred_original_sample, want.pred_original_sample, x0_terms)
     _check(got.prev_sample, want.prev_sample, prev_terms)
 
@@ -128,10 +126,10 @@ def _kernel_noise(B, N, seed, step, sample_offset=0):
     table[0, tables.COL["SIGMA"]] = 1.0
     x = torch.zeros(B, N, device=DEV)
     prev = torch.full_like(x, float("nan"))
-    K.launch_reverse_step(x, x, None, None, None, None, table, torch.zeros(B, dtype=torch.int64, device=DEV),
-                          torch.full((B,), step, dtype=torch.int64, device=DEV),
-                          noise.as_seed_tensor(seed, DEV), prev, None, sample_offset,
-                          K.CLIP_NONE, 0, K.NOISE_PHILOX)
+    K.reverse_step(K.StepTensors(x, x, table, torch.zeros(B, dtype=torch.int64, device=DEV), prev,
+                                 step=torch.full((B,), step, dtype=torch.int64, device=DEV),
+                                 seed=noise.as_seed_tensor(seed, DEV)),
+                   sample_offset=sample_offset, noise_mode=K.NOISE_PHILOX)
     return prev
 
 
@@ -168,9 +166,9 @@ def test_int64_indexing_path_matches():
     for force in (False, True):
         prev, x0 = torch.full_like(x, float("nan")), torch.full_like(x, float("nan"))
         C = x.shape[1]
-        K.launch_reverse_step(x, o[:, :C], o[:, C:], None, None, None, table, t, None,
-                              noise.as_seed_tensor(8, DEV), prev, x0, 0, K.CLIP_RANGE, tables.VAR_RANGE,
-                              K.NOISE_PHILOX, force_int64=force)
+        K.reverse_step(K.StepTensors(x, o[:, :C], table, t, prev, var=o[:, C:], seed=noise.as_seed_tensor(8, DEV),
+                                     x0=x0),
+                       clip_mode=K.CLIP_RANGE, var_mode=K.VAR_RANGE, noise_mode=K.NOISE_PHILOX, force_int64=force)
         outs.append((prev, x0))
     assert not torch.isnan(outs[1][0]).any()
     assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
@@ -253,10 +251,10 @@ def test_registered_op_matches_direct_launch():
     table = tables.device_table(S, ("op-test",), lambda: tables.ddpm_table(S, "epsilon", "learned_range", True), DEV)
     seed = noise.as_seed_tensor(3, DEV)
     outs = []
-    for fn in (torch.ops.fastrev.reverse_step, K.launch_reverse_step):
+    for via_op in (True, False):
         prev, x0 = torch.full_like(x, float("nan")), torch.full_like(x, float("nan"))
-        fn(x, o[:, :C], o[:, C:], None, None, None, table, t, None, seed, prev, x0, 5, K.CLIP_RANGE,
-           tables.VAR_RANGE, K.NOISE_PHILOX, False)
+        K.reverse_step(K.StepTensors(x, o[:, :C], table, t, prev, var=o[:, C:], seed=seed, x0=x0), sample_offset=5,
+                       clip_mode=K.CLIP_RANGE, var_mode=K.VAR_RANGE, noise_mode=K.NOISE_PHILOX, via_op=via_op)
         outs.append((prev, x0))
     assert not torch.isnan(outs[0][0]).any() and not torch.isnan(outs[0][1]).any()
     assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
@@ -375,3 +373,13 @@ def test_overlapping_out_is_rejected_like_torch():
     for backend in ("triton", "reference"):
         with pytest.raises(RuntimeError, match="single memory location"):
             ddpm_step(o, t, x, S, noise=z, out=out, backend=backend)
+
+
+def test_kernel_branches_use_named_modes():
+    """The device code branches on the named constants of fastrev.kernels.modes, never on bare numbers."""
+    import inspect
+    import re
+
+    src = inspect.getsource(K._reverse_step_kernel.fn)
+    assert not re.search(r"_MODE\s*[!=]=\s*\d", src)
+    assert tables.VAR_RANGE is K.VAR_RANGE and tables.VAR_MODES["learned"] == K.VAR_LOG
