@@ -3,10 +3,10 @@
 Runs on CPU tensors under the Triton interpreter (conftest sets TRITON_INTERPRET=1), on the GPU when one is present.
 Every comparison uses fresh random inputs; every kernel output is poisoned with NaN before the launch.
 
-Tolerance (fp32 storage): the fp32 rounding error of a sum is bounded by the sum of the magnitudes of its terms, so
-|kernel − reference| ≤ 1e-6 · (|ref| + Σ|terms|) element-wise, the terms taken from the float64 table
-(C0·(|A x| + |B out|), |C1 x|, |C2 out|, |σ z|). fp16 storage: the same against the reference on the fp16-rounded
-inputs, plus one fp16 rounding of the output (2⁻¹¹ relative).
+Tolerance (tests/_bounds.py, shared with the fuzz test): the fp32 rounding error of a sum is bounded by the sum of
+the magnitudes of its terms, so |kernel − reference| ≤ 1e-6 · (|ref| + Σ|terms|) element-wise, the terms taken from
+the float64 table (C0·(|A x| + |B out|), |C1 x|, |C2 out|, |σ z|). fp16 storage: the same against the reference on
+the fp16-rounded inputs, plus one fp16 rounding of the output (2⁻¹¹ relative).
 """
 
 import os
@@ -15,13 +15,11 @@ import sys
 
 import pytest
 import torch
-
-import fastrev
-import fastrev.ops as ops
-from fastrev import Schedule, ddim_step, ddpm_step, noise, tables
+from _bounds import check, step_terms
 from fastrev.kernels import reverse_step as K
 
-scipy_stats = pytest.importorskip("scipy.stats")
+import fastrev.ops as ops
+from fastrev import Schedule, ddim_step, ddpm_step, noise, tables
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 S = Schedule.linear()
@@ -50,24 +48,12 @@ def _inputs(B, n, var="fixed_small", dtype=torch.float32):
 
 
 def _bound(table64, t, x, o, z, var_sigma=None):
-    """1e-6 · (Σ |terms|) element-wise, from the float64 table."""
-    c = table64[t.cpu()].to(DEV)
-    col = lambda k: c[:, tables.COL[k]].reshape((-1,) + (1,) * (x.dim() - 1))  # noqa: E731
-    C = x.shape[1]
-    o = o[:, :C].double()
-    x, z = x.double(), z.double()
-    x0_terms = (col("A") * x).abs() + (col("B") * o).abs()
-    sigma = col("SIGMA").abs() if var_sigma is None else var_sigma
-    prev_terms = col("C0").abs() * x0_terms + (col("C1") * x).abs() + (col("C2") * o).abs() + (sigma * z).abs()
-    return x0_terms, prev_terms
+    """(x̂₀ terms, x_{t−1} terms) per element, from the float64 table (tests/_bounds.py)."""
+    return step_terms(table64, t, x, o, z, sigma=var_sigma)
 
 
 def _check(got, want, terms, rtol=1e-6):
-    assert not torch.isnan(got).any(), "NaN in kernel output (an element was not written)"
-    err = (got.double() - want.double()).abs()
-    bound = rtol * (want.double().abs() + terms) + 1e-30
-    worst = (err / bound).max().item()
-    assert worst <= 1.0, f"max error {err.max().item():.3e} is {worst:.2f}x the bound"
+    check(got, want, terms, rtol)
 
 
 @pytest.mark.parametrize("n", [1, 1023, 4097])
@@ -134,6 +120,7 @@ def _kernel_noise(B, N, seed, step, sample_offset=0):
 
 
 def test_kernel_noise_statistics():
+    scipy_stats = pytest.importorskip("scipy.stats")
     z = _kernel_noise(16, 4096, seed=99, step=3).double().cpu()
     assert not torch.isnan(z).any()
     torch.testing.assert_close(z.float(), noise.randn(99, torch.arange(16), 3, 4096), rtol=1e-6, atol=1e-6)
