@@ -59,21 +59,103 @@ _A, _B, _C0, _C1, _C2, _SIGMA, _LOG_LO, _LOG_HI, _CLIP, _D = (tl.constexpr(i) fo
 
 
 # ------------------------------------------------------------------------------------------------ device functions
+# The normals of fastrev.noise without libdevice's general-purpose log/sin/cos: the arguments here have known ranges
+# (u1 in [1e-7, 1), the angle 2π·u2 in [0, 2π)), so one argument reduction serves both sin and cos and no special
+# cases are needed. All in float32 with ordinary rounding (no approximate hardware functions): within 1e-6 of the
+# reference stream (tests/test_kernel.py), and identical on every backend Triton compiles for.
+
+# Philox4x32-10 (Salmon et al. 2011), as tl.philox: round multipliers and key increments
+_PHILOX_M0, _PHILOX_M1 = tl.constexpr(0xD2511F53), tl.constexpr(0xCD9E8D57)
+_PHILOX_W0, _PHILOX_W1 = tl.constexpr(0x9E3779B9), tl.constexpr(0xBB67AE85)
+# π/2 split in two: HI has 20 significant bits, so k·HI is exact for the quadrants k ≤ 4 and θ − k·HI is exact
+_PIO2_HI = tl.constexpr(1.5707950592041016)
+_PIO2_LO = tl.constexpr(1.2675908465098473e-06)
+_TWO_OVER_PI = tl.constexpr(0.6366197723675814)
+_ROUND_MAGIC = tl.constexpr(12582912.0)      # 1.5·2²³: x + MAGIC rounds x to an integer held in the low bits
+# sin r = r + r³·(SIN0 + z·SIN1 + z²·SIN2), cos r = 1 + z·(−½ + z·(COS0 + z·COS1 + z²·COS2)), z = r², |r| ≤ π/4
+# (least-squares fits, relative error below one float32 ulp on that interval)
+_SIN0, _SIN1, _SIN2 = tl.constexpr(-0.16666662693023682), tl.constexpr(0.008332503959536552), \
+    tl.constexpr(-0.0001954892068170011)
+_COS0, _COS1, _COS2 = tl.constexpr(0.04166635870933533), tl.constexpr(-0.0013869121903553605), \
+    tl.constexpr(2.2145530238049105e-05)
+# log u = e·ln 2 + log1p(f), u = 2^e·(1 + f), 1 + f in [2/3, 4/3); log1p(f) = f − f²/2 + f³·P(f), P of degree 6
+_LN2_HI, _LN2_LO = tl.constexpr(0.693359375), tl.constexpr(-0.00021219444170128554)
+_TWO_THIRDS_BITS = tl.constexpr(0x3F2AAAAB)
+_LOG0, _LOG1, _LOG2, _LOG3 = tl.constexpr(0.3333335816860199), tl.constexpr(-0.25001609325408936), \
+    tl.constexpr(0.19996868073940277), tl.constexpr(-0.1654772311449051)
+_LOG4, _LOG5, _LOG6 = tl.constexpr(0.14299945533275604), tl.constexpr(-0.14633670449256897), \
+    tl.constexpr(0.12258646637201309)
+
+
+@triton.jit
+def _mul_wide(a, m: tl.constexpr):
+    """(high, low) 32-bit words of the 64-bit product a·m: one wide multiply instead of mul.hi + mul.lo."""
+    p = a.to(tl.uint64) * m
+    return (p >> 32).to(tl.uint32), p.to(tl.uint32)
+
+
+@triton.jit
+def _philox(c0, c1, c2, c3, k0, k1):
+    """Philox4x32-10 of the counter (c0, c1, c2, c3) under the key (k0, k1); bit-exact with ``tl.philox``."""
+    for _ in tl.static_range(10):
+        hi0, lo0 = _mul_wide(c0, _PHILOX_M0)
+        hi2, lo2 = _mul_wide(c2, _PHILOX_M1)
+        c0, c1, c2, c3 = hi2 ^ c1 ^ k0, lo2, hi0 ^ c3 ^ k1, lo0
+        k0 = tl.add(k0, _PHILOX_W0, sanitize_overflow=False)
+        k1 = tl.add(k1, _PHILOX_W1, sanitize_overflow=False)
+    return c0, c1, c2, c3
+
+
 @triton.jit
 def _uniform(w):
-    """uint32 words [S, Q] → float32 uniforms in [0, 1), as ``tl.random.uint_to_uniform_float``."""
+    """uint32 words → float32 uniforms in [0, 1), as ``tl.random.uint_to_uniform_float``."""
     x = w.to(tl.int32, bitcast=True)
     x = tl.where(x < 0, ~x, x)
     return x.to(tl.float32) * 4.6566127342e-10
 
 
 @triton.jit
+def _log_unit(u):
+    """log u for float32 u in [1e-7, 1) (positive, normal: no special cases)."""
+    bits = u.to(tl.int32, bitcast=True)
+    e = (bits - _TWO_THIRDS_BITS) >> 23                       # u = 2^e·m, m in [2/3, 4/3)
+    f = (bits - (e << 23)).to(tl.float32, bitcast=True) - 1.0  # exact
+    p = _LOG6 * f + _LOG5
+    p = p * f + _LOG4
+    p = p * f + _LOG3
+    p = p * f + _LOG2
+    p = p * f + _LOG1
+    p = p * f + _LOG0
+    ef = e.to(tl.float32)
+    return ef * _LN2_HI + ((f * f) * (p * f - 0.5) + f + ef * _LN2_LO)
+
+
+@triton.jit
+def _sincos(th):
+    """(sin θ, cos θ) for float32 θ in [0, 2π]: one shared quadrant reduction, two short polynomials."""
+    j = th * _TWO_OVER_PI + _ROUND_MAGIC
+    k = j - _ROUND_MAGIC                                      # nearest quadrant, 0..4
+    q = j.to(tl.int32, bitcast=True)                          # its low bits: k mod 4
+    r = th - k * _PIO2_HI                                     # exact
+    r = r - k * _PIO2_LO                                      # |r| ≤ π/4 + ε
+    z = r * r
+    s = (z * (_SIN2 * z + _SIN1) + _SIN0) * (z * r) + r
+    c = (z * ((_COS2 * z + _COS1) * z + _COS0) - 0.5) * z + 1.0
+    swap = (q & 1) != 0
+    sin_abs = tl.where(swap, c, s).to(tl.int32, bitcast=True)
+    cos_abs = tl.where(swap, s, c).to(tl.int32, bitcast=True)
+    sin_t = (sin_abs ^ ((q << 30) & -2147483648)).to(tl.float32, bitcast=True)          # negative in quadrants 2, 3
+    cos_t = (cos_abs ^ (((q + 1) << 30) & -2147483648)).to(tl.float32, bitcast=True)    # negative in quadrants 1, 2
+    return sin_t, cos_t
+
+
+@triton.jit
 def _box_muller(u1, u2):
     """Two float32 uniform tiles [S, Q] → two standard-normal tiles [S, Q] (``tl.random.pair_uniform_to_normal``)."""
     u1 = tl.maximum(1.0e-7, u1)
-    th = 6.283185307179586 * u2
-    r = tl.sqrt(-2.0 * tl.log(u1))
-    return r * tl.cos(th), r * tl.sin(th)
+    r = tl.sqrt(-2.0 * _log_unit(u1))
+    s, c = _sincos(6.283185307179586 * u2)
+    return r * c, r * s
 
 
 @triton.jit
@@ -89,7 +171,8 @@ def _counter_normals(seed, group, sample, step, SAMPLES: tl.constexpr, BLOCK_N: 
     c0 = group.to(tl.uint32)[None, :] + zero
     c1 = sample.to(tl.uint32)[:, None] + zero
     c2 = step.to(tl.uint32)[:, None] + zero
-    w0, w1, w2, w3 = tl.philox(seed, c0, c1, c2, zero)
+    seed = seed.to(tl.uint64)
+    w0, w1, w2, w3 = _philox(c0, c1, c2, zero, (seed & 0xFFFFFFFF).to(tl.uint32), (seed >> 32).to(tl.uint32))
     n0, n1 = _box_muller(_uniform(w0), _uniform(w1))
     n2, n3 = _box_muller(_uniform(w2), _uniform(w3))
     # interleave so that element 4g + k holds n_k: join → [S, Q, 2, 2] with [.., i, j] = n_{2i+j}
