@@ -14,12 +14,13 @@ reported and makes the exit status 1.
 Executed instructions per element (``instr_per_elem``): the SASS is walked from its first instruction along the
 path a full tile takes — a conditional branch that jumps forward over a region containing a loop (libdevice's
 Payne–Hanek reduction for |x| > 105615 in sinf/cosf, never reached by Box–Muller's arguments in [0, 2π)) is taken,
-every other conditional branch and every predicated EXIT falls through (all lanes active, no early exit), an
-unconditional EXIT ends the walk, and the padding after it (``BRA`` to itself, ``NOP``) is never reached. Every
-instruction on the walk counts as one issue slot; the count divided by the elements one thread owns
-(BLOCK_N / (32 · warps)) is ``instr_per_elem``. ``pred_copy_frac_*`` is the roofline prediction of docs/kernel.md:
-min(1, budget / instr_per_elem) with budget = issue rate / (copy bandwidth / bytes per element). A PREDICTION: no
-GPU has measured it.
+a backward conditional branch (the kernel's loop over the sub-tiles of a program, when it is not unrolled) is
+taken SUBTILES − 1 times, every other conditional branch and every predicated EXIT falls through (all lanes active,
+no early exit), an unconditional EXIT ends the walk, and the padding after it (``BRA`` to itself, ``NOP``) is never
+reached. Every instruction on the walk counts as one issue slot; the count divided by the elements one thread owns
+(BLOCK_N · SUBTILES / (32 · warps)) is ``instr_per_elem``. ``pred_copy_frac_*`` is the roofline prediction of
+docs/kernel.md: min(1, budget / instr_per_elem) with budget = issue rate / (copy bandwidth / bytes per element).
+A PREDICTION: no GPU has measured it.
 """
 
 from __future__ import annotations
@@ -69,12 +70,17 @@ def _load(module: str | None):
     return K
 
 
-def compile_variant(K, dtype: str, consts: dict, arch, block_n: int, num_warps: int, backend: str = "cuda"):
+def compile_variant(K, dtype: str, consts: dict, arch, block_n: int, num_warps: int, backend: str = "cuda",
+                    subtiles: int | None = None):
     """Compile the kernel for ``backend`` ("cuda": ``arch`` a compute capability, e.g. 90; "hip": an AMD target,
-    e.g. "gfx942") with the given storage ``dtype`` and constexprs; returns Triton's CompiledKernel."""
+    e.g. "gfx942") with the given storage ``dtype`` and constexprs; returns Triton's CompiledKernel. ``subtiles``:
+    tiles per program (default: the module's ``_SUBTILES``; ignored by a kernel without that parameter)."""
     fn = K._reverse_step_kernel
     names = fn.arg_names
-    constexprs = {**dict(WRITE_X0=True, HAS_BASE=False, SAMPLES=1, BLOCK_N=block_n, INT64=False), **consts}
+    defaults = dict(WRITE_X0=True, HAS_BASE=False, SAMPLES=1, BLOCK_N=block_n, INT64=False)
+    if "SUBTILES" in names:
+        defaults["SUBTILES"] = subtiles or getattr(K, "_SUBTILES", 1)
+    constexprs = {**defaults, **consts}
     sig = {}
     for n in names:
         if n in _PTRS:
@@ -127,8 +133,10 @@ def parse_sass(sass: str):
     return [(int(a, 16), (p or "").strip(), op, mods, ops.strip()) for a, p, op, mods, ops in _INSTR.findall(sass)]
 
 
-def executed_path(instrs) -> list:
-    """The instructions a full tile executes, in order (see the module docstring for the rules)."""
+def executed_path(instrs, loop_trips: int = 1) -> list:
+    """The instructions a full tile executes, in order (see the module docstring for the rules). A backward
+    conditional branch outside a skipped region closes the kernel's own loop over its sub-tiles: it is taken
+    ``loop_trips − 1`` times (then falls through)."""
     index = {a: i for i, (a, *_rest) in enumerate(instrs)}
 
     def target(ops):
@@ -142,7 +150,7 @@ def executed_path(instrs) -> list:
                 return True
         return False
 
-    path, i, guard = [], 0, 0
+    path, i, guard, taken = [], 0, 0, {}
     while i < len(instrs) and guard < 100_000:
         guard += 1
         a, pred, op, mods, ops = instrs[i]
@@ -161,6 +169,10 @@ def executed_path(instrs) -> list:
                 i = j
                 continue
             if j > i and has_loop(i + 1, j):  # skip libdevice's large-argument slow path
+                i = j
+                continue
+            if j < i and taken.get(i, 0) < loop_trips - 1:     # the sub-tile loop: back to its head
+                taken[i] = taken.get(i, 0) + 1
                 i = j
                 continue
         i += 1
@@ -205,7 +217,7 @@ def roofline(instr_per_elem: float, nbytes: int) -> dict:
     return res
 
 
-def analyse(ck, variant: str, dtype: str, block_n: int, num_warps: int) -> dict:
+def analyse(ck, variant: str, dtype: str, block_n: int, num_warps: int, subtiles: int = 1) -> dict:
     """The JSON record of one compiled sm_90 variant."""
     cubin = ck.asm["cubin"]
     instrs = parse_sass(_cuobjdump(cubin, "-sass"))
@@ -213,8 +225,8 @@ def analyse(ck, variant: str, dtype: str, block_n: int, num_warps: int) -> dict:
     m = re.search(r"REG:(\d+)", res)
     regs = int(m.group(1)) if m else None
     shared = int(getattr(ck.metadata, "shared", 0) or 0)
-    path = executed_path(instrs)
-    per_thread = max(1, block_n // (32 * num_warps))
+    path = executed_path(instrs, loop_trips=subtiles)
+    per_thread = max(1, block_n * subtiles // (32 * num_warps))
     classes: dict = {}
     for *_a, op, _m, _o in path:
         c = _class(op)
@@ -223,7 +235,8 @@ def analyse(ck, variant: str, dtype: str, block_n: int, num_warps: int) -> dict:
     nbytes = bytes_per_element(variant, dtype)
     ptx = ck.asm.get("ptx", "")
     return {
-        "variant": variant, "dtype": dtype, "block_n": block_n, "num_warps": num_warps, "regs": regs,
+        "variant": variant, "dtype": dtype, "block_n": block_n, "subtiles": subtiles, "num_warps": num_warps,
+        "regs": regs,
         "shared_bytes": shared, "occupancy": occupancy(regs or 0, shared, num_warps), "elems_per_thread": per_thread,
         "sass_static": len(instrs), "sass_executed": len(path), "instr_per_elem": round(ipe, 2),
         "classes_per_elem": {k: round(v / per_thread, 2) for k, v in sorted(classes.items())},
@@ -240,19 +253,21 @@ def main(argv=None) -> int:
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--block-n", type=int, default=None, help="elements per program (default: the module's _TILE)")
     p.add_argument("--num-warps", type=int, default=None, help="default: the module's _NUM_WARPS")
+    p.add_argument("--subtiles", type=int, default=None, help="tiles per program (default: the module's _SUBTILES)")
     p.add_argument("--module", default=None, help="another copy of kernels/reverse_step.py to compile")
     p.add_argument("--json", action="store_true", help="print a JSON list instead of the text report")
     args = p.parse_args(argv)
     K = _load(args.module)
     block_n = args.block_n or getattr(K, "_TILE", 1024)
     warps = args.num_warps or getattr(K, "_NUM_WARPS", 4)
+    subtiles = (args.subtiles or getattr(K, "_SUBTILES", 1)) if "SUBTILES" in K._reverse_step_kernel.arg_names else 1
     rc, records = 0, []
     for v in args.variants.split(","):
         for dt in args.dtypes.split(","):
-            tag = f"{v} {dt} BLOCK_N={block_n} warps={warps} sm_{args.arch}"
+            tag = f"{v} {dt} BLOCK_N={block_n}x{subtiles} warps={warps} sm_{args.arch}"
             try:
-                ck = compile_variant(K, dt, VARIANTS[v], args.arch, block_n, warps)
-                r = analyse(ck, v, dt, block_n, warps)
+                ck = compile_variant(K, dt, VARIANTS[v], args.arch, block_n, warps, subtiles=subtiles)
+                r = analyse(ck, v, dt, block_n, warps, subtiles)
             except Exception as e:
                 msg = str(e).strip().splitlines()
                 err = f"{type(e).__name__}: {msg[-1] if msg else ''}"

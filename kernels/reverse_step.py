@@ -115,19 +115,20 @@ def _uniform(w):
 
 
 @triton.jit
-def _log_unit(u):
-    """log u for float32 u in [1e-7, 1) (positive, normal: no special cases)."""
+def _minus_2_log(u):
+    """−2·log u for float32 u in [1e-7, 1) (positive, normal: no special cases). The −2 is folded into the
+    constants: scaling by a power of two is exact, so this is bit-for-bit −2 × the plain evaluation."""
     bits = u.to(tl.int32, bitcast=True)
     e = (bits - _TWO_THIRDS_BITS) >> 23                       # u = 2^e·m, m in [2/3, 4/3)
     f = (bits - (e << 23)).to(tl.float32, bitcast=True) - 1.0  # exact
-    p = _LOG6 * f + _LOG5
-    p = p * f + _LOG4
-    p = p * f + _LOG3
-    p = p * f + _LOG2
-    p = p * f + _LOG1
-    p = p * f + _LOG0
+    p = (-2.0 * _LOG6) * f + (-2.0 * _LOG5)
+    p = p * f + (-2.0 * _LOG4)
+    p = p * f + (-2.0 * _LOG3)
+    p = p * f + (-2.0 * _LOG2)
+    p = p * f + (-2.0 * _LOG1)
+    p = p * f + (-2.0 * _LOG0)
     ef = e.to(tl.float32)
-    return ef * _LN2_HI + ((f * f) * (p * f - 0.5) + f + ef * _LN2_LO)
+    return ef * (-2.0 * _LN2_HI) + ((f * f) * (p * f + 1.0) + (-2.0 * f) + ef * (-2.0 * _LN2_LO))
 
 
 @triton.jit
@@ -153,30 +154,55 @@ def _sincos(th):
 def _box_muller(u1, u2):
     """Two float32 uniform tiles [S, Q] → two standard-normal tiles [S, Q] (``tl.random.pair_uniform_to_normal``)."""
     u1 = tl.maximum(1.0e-7, u1)
-    r = tl.sqrt(-2.0 * _log_unit(u1))
+    r = tl.sqrt(_minus_2_log(u1))
     s, c = _sincos(6.283185307179586 * u2)
     return r * c, r * s
 
 
 @triton.jit
-def _counter_normals(seed, group, sample, step, SAMPLES: tl.constexpr, BLOCK_N: tl.constexpr):
-    """The counter stream of ``fastrev.noise`` for a tile.
-
-    seed: int64 scalar (the Philox key); group: [BLOCK_N // 4] element groups e // 4; sample: [SAMPLES] global sample
-    indices i; step: [SAMPLES] steps t. Returns float32 [SAMPLES, BLOCK_N]: element 4g + k is word k of
-    Philox(seed; g, i, t, 0) through Box–Muller — all four words of every Philox call are used.
-    """
-    Q: tl.constexpr = BLOCK_N // 4
-    zero = tl.zeros([SAMPLES, Q], dtype=tl.uint32)
-    c0 = group.to(tl.uint32)[None, :] + zero
-    c1 = sample.to(tl.uint32)[:, None] + zero
-    c2 = step.to(tl.uint32)[:, None] + zero
-    seed = seed.to(tl.uint64)
-    w0, w1, w2, w3 = _philox(c0, c1, c2, zero, (seed & 0xFFFFFFFF).to(tl.uint32), (seed >> 32).to(tl.uint32))
+def _group_normals(seed_lo, seed_hi, group, sample, step):
+    """Word k of Philox(seed; group, sample, step, 0) through Box–Muller, for k = 0..3: four float32 tiles."""
+    zero = tl.zeros(group.shape, dtype=tl.uint32)
+    w0, w1, w2, w3 = _philox(group.to(tl.uint32) + zero, sample.to(tl.uint32) + zero, step.to(tl.uint32) + zero,
+                             zero, seed_lo, seed_hi)
     n0, n1 = _box_muller(_uniform(w0), _uniform(w1))
     n2, n3 = _box_muller(_uniform(w2), _uniform(w3))
-    # interleave so that element 4g + k holds n_k: join → [S, Q, 2, 2] with [.., i, j] = n_{2i+j}
-    z = tl.join(tl.join(n0, n2), tl.join(n1, n3))
+    return n0, n1, n2, n3
+
+
+@triton.jit
+def _counter_normals(seed_lo, seed_hi, group0, sample, step, SAMPLES: tl.constexpr, BLOCK_N: tl.constexpr,
+                     VEC: tl.constexpr):
+    """The counter stream of ``fastrev.noise`` for a tile.
+
+    seed_lo, seed_hi: the two uint32 words of the seed (the Philox key); group0: the tile's first element group (its
+    first element // 4); sample: [SAMPLES] global sample indices i; step: [SAMPLES] steps t. Returns float32
+    [SAMPLES, BLOCK_N]: element 4g + k is word k of Philox(seed; g, i, t, 0) through Box–Muller — all four words of
+    every Philox call are used.
+
+    VEC (4 or 8) is the number of consecutive elements one thread loads at once (16 bytes of the storage dtype): the
+    noise is built in the same register layout (8: two consecutive groups per thread), so it needs no shuffle
+    through shared memory.
+    """
+    lo, hi = seed_lo, seed_hi
+    s = sample.to(tl.uint32)[:, None]
+    t = step.to(tl.uint32)[:, None]
+    if VEC == 8:
+        H: tl.constexpr = BLOCK_N // 8
+        g = (group0 + 2 * tl.arange(0, H))[None, :]                   # even groups; g + 1 the odd ones
+        a0, a1, a2, a3 = _group_normals(lo, hi, g, s, t)
+        b0, b1, b2, b3 = _group_normals(lo, hi, g + 1, s, t)
+        # [S, H, 2, 2, 2] with [.., i, j, k] = n_{2j+k} of group 2h + i... built as join(a, b) on the last axis, then
+        # that axis moved in front of the two word axes
+        za = tl.join(tl.join(a0, a2), tl.join(a1, a3))
+        zb = tl.join(tl.join(b0, b2), tl.join(b1, b3))
+        z = tl.permute(tl.join(za, zb), (0, 1, 4, 2, 3))
+    else:
+        Q: tl.constexpr = BLOCK_N // 4
+        g = (group0 + tl.arange(0, Q))[None, :]
+        n0, n1, n2, n3 = _group_normals(lo, hi, g, s, t)
+        # interleave so that element 4g + k holds n_k: join → [S, Q, 2, 2] with [.., i, j] = n_{2i+j}
+        z = tl.join(tl.join(n0, n2), tl.join(n1, n3))
     return tl.reshape(z, [SAMPLES, BLOCK_N])
 
 
@@ -190,18 +216,19 @@ def _reverse_step_kernel(
     stride_x, stride_out, stride_var, stride_noise, stride_base, stride_prev, stride_x0, table_stride,
     CLIP_MODE: tl.constexpr, VAR_MODE: tl.constexpr, NOISE_MODE: tl.constexpr, WRITE_X0: tl.constexpr,
     HAS_BASE: tl.constexpr,
-    SAMPLES: tl.constexpr, BLOCK_N: tl.constexpr, INT64: tl.constexpr,
+    SAMPLES: tl.constexpr, BLOCK_N: tl.constexpr, SUBTILES: tl.constexpr, INT64: tl.constexpr,
 ):
-    pid = tl.program_id(0)
+    """One program: SAMPLES samples × SUBTILES consecutive tiles of BLOCK_N elements. The per-program work (the
+    coefficient rows, the seed, Philox's key schedule) is done once for all SUBTILES tiles."""
+    # grid: (element blocks, sample groups split over axes 1 and 2 as the 65535 limit requires) - no division
+    pid_n = tl.program_id(0)
+    pid_b = tl.program_id(1)
     if INT64:
-        pid = pid.to(tl.int64)
-    blocks_n = tl.cdiv(N, BLOCK_N)
-    pid_b = pid // blocks_n
-    pid_n = pid % blocks_n
-    rows = pid_b * SAMPLES + tl.arange(0, SAMPLES)          # [S] samples of this tile
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)          # [BN] elements within each sample
+        pid_n = pid_n.to(tl.int64)
+        pid_b = pid_b.to(tl.int64)
+    pid_b += tl.program_id(2) * tl.num_programs(1)
+    rows = pid_b * SAMPLES + tl.arange(0, SAMPLES)          # [S] samples of this program
     row_ok = rows < B
-    mask = row_ok[:, None] & (cols < N)[None, :]
 
     # per-sample step and coefficient row (tiny gathers, cached)
     t = tl.load(t_ptr + rows, mask=row_ok, other=0)
@@ -212,57 +239,72 @@ def _reverse_step_kernel(
     c1 = tl.load(coef + _C1, mask=row_ok, other=0.0)[:, None]
     c2 = tl.load(coef + _C2, mask=row_ok, other=0.0)[:, None]
     sig = tl.load(coef + _SIGMA, mask=row_ok, other=0.0)[:, None]
-
-    x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    o = tl.load(out_ptr + rows[:, None] * stride_out + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-
-    x0 = a * x + b * o
     if CLIP_MODE == modes.CLIP_RANGE:
-        r = tl.load(coef + _CLIP, mask=row_ok, other=1.0)[:, None]
-        x0 = tl.clamp(x0, -r, r, propagate_nan=tl.PropagateNan.ALL)
+        lim = tl.load(coef + _CLIP, mask=row_ok, other=1.0)[:, None]
     elif CLIP_MODE == modes.CLIP_THRESHOLD:
-        s = tl.load(thresh_ptr + rows, mask=row_ok, other=1.0)[:, None]
-        x0 = tl.clamp(x0, -s, s, propagate_nan=tl.PropagateNan.ALL) / s
-    prev = c0 * x0 + c1 * x + c2 * o
+        lim = tl.load(thresh_ptr + rows, mask=row_ok, other=1.0)[:, None]
     if HAS_BASE:
         d = tl.load(coef + _D, mask=row_ok, other=0.0)[:, None]
-        base = tl.load(base_ptr + rows[:, None] * stride_base + cols[None, :], mask=mask, other=0.0)
-        prev += d * base.to(tl.float32)
+    if VAR_MODE == modes.VAR_RANGE:
+        log_lo = tl.load(coef + _LOG_LO, mask=row_ok, other=0.0)[:, None]
+        log_hi = tl.load(coef + _LOG_HI, mask=row_ok, other=0.0)[:, None]
+    if NOISE_MODE == modes.NOISE_PHILOX:
+        seed = tl.load(seed_ptr).to(tl.uint64)
+        seed_lo, seed_hi = (seed & 0xFFFFFFFF).to(tl.uint32), (seed >> 32).to(tl.uint32)
+        step = tl.load(step_ptr + rows, mask=row_ok, other=0)
+        VEC: tl.constexpr = 8 if (x_ptr.dtype.element_ty.primitive_bitwidth == 16 and BLOCK_N >= 8) else 4
 
-    if NOISE_MODE != modes.NOISE_NONE:
-        if VAR_MODE == modes.VAR_FIXED:
-            sigma = sig
-        else:
-            v = tl.load(var_ptr + rows[:, None] * stride_var + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-            if VAR_MODE == modes.VAR_LOG:
-                sigma = sig * tl.exp(0.5 * v)
-            elif VAR_MODE == modes.VAR_RANGE:
-                lo = tl.load(coef + _LOG_LO, mask=row_ok, other=0.0)[:, None]
-                hi = tl.load(coef + _LOG_HI, mask=row_ok, other=0.0)[:, None]
-                frac = (v + 1.0) * 0.5
-                sigma = sig * tl.exp(0.5 * (frac * hi + (1.0 - frac) * lo))
-            else:  # modes.VAR_LINEAR
-                sigma = sig * tl.sqrt(v)
-        if NOISE_MODE == modes.NOISE_TENSOR:
-            z = tl.load(noise_ptr + rows[:, None] * stride_noise + cols[None, :], mask=mask, other=0.0)
-            z = z.to(tl.float32)
-        else:  # modes.NOISE_PHILOX
-            seed = tl.load(seed_ptr)
-            group = pid_n * (BLOCK_N // 4) + tl.arange(0, BLOCK_N // 4)
-            step = tl.load(step_ptr + rows, mask=row_ok, other=0)
-            z = _counter_normals(seed, group, rows + sample_offset, step, SAMPLES, BLOCK_N)
-        # gate on the table's switch, not on σ: at a no-noise step (SIGMA = 0) nothing is added, even where the
-        # learned-variance channels would make σ NaN (√ of a negative variance, 0·inf)
-        prev = tl.where(sig != 0.0, prev + sigma * z, prev)
+    for sub in tl.range(0, SUBTILES, loop_unroll_factor=1):     # a loop, not unrolled: registers of one tile
+        first = (pid_n * SUBTILES + sub) * BLOCK_N
+        cols = first + tl.arange(0, BLOCK_N)                # [BN] elements within each sample
+        mask = row_ok[:, None] & (cols < N)[None, :]
+        x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        o = tl.load(out_ptr + rows[:, None] * stride_out + cols[None, :], mask=mask, other=0.0).to(tl.float32)
 
-    tl.store(prev_ptr + rows[:, None] * stride_prev + cols[None, :], prev.to(prev_ptr.dtype.element_ty), mask=mask)
-    if WRITE_X0:
-        tl.store(x0_ptr + rows[:, None] * stride_x0 + cols[None, :], x0.to(x0_ptr.dtype.element_ty), mask=mask)
+        x0 = a * x + b * o
+        if CLIP_MODE == modes.CLIP_RANGE:
+            x0 = tl.clamp(x0, -lim, lim, propagate_nan=tl.PropagateNan.ALL)
+        elif CLIP_MODE == modes.CLIP_THRESHOLD:
+            x0 = tl.clamp(x0, -lim, lim, propagate_nan=tl.PropagateNan.ALL) / lim
+        prev = c0 * x0 + c1 * x + c2 * o
+        if HAS_BASE:
+            base = tl.load(base_ptr + rows[:, None] * stride_base + cols[None, :], mask=mask, other=0.0)
+            prev += d * base.to(tl.float32)
+
+        if NOISE_MODE != modes.NOISE_NONE:
+            if VAR_MODE == modes.VAR_FIXED:
+                sigma = sig
+            else:
+                v = tl.load(var_ptr + rows[:, None] * stride_var + cols[None, :], mask=mask, other=0.0)
+                v = v.to(tl.float32)
+                if VAR_MODE == modes.VAR_LOG:
+                    sigma = sig * tl.exp(0.5 * v)
+                elif VAR_MODE == modes.VAR_RANGE:
+                    frac = (v + 1.0) * 0.5
+                    sigma = sig * tl.exp(0.5 * (frac * log_hi + (1.0 - frac) * log_lo))
+                else:  # modes.VAR_LINEAR
+                    sigma = sig * tl.sqrt(v)
+            if NOISE_MODE == modes.NOISE_TENSOR:
+                z = tl.load(noise_ptr + rows[:, None] * stride_noise + cols[None, :], mask=mask, other=0.0)
+                z = z.to(tl.float32)
+            else:  # modes.NOISE_PHILOX
+                z = _counter_normals(seed_lo, seed_hi, first // 4, rows + sample_offset, step, SAMPLES, BLOCK_N,
+                                     VEC)
+            # gate on the table's switch, not on σ: at a no-noise step (SIGMA = 0) nothing is added, even where the
+            # learned-variance channels would make σ NaN (√ of a negative variance, 0·inf)
+            prev = tl.where(sig != 0.0, prev + sigma * z, prev)
+
+        tl.store(prev_ptr + rows[:, None] * stride_prev + cols[None, :], prev.to(prev_ptr.dtype.element_ty),
+                 mask=mask)
+        if WRITE_X0:
+            tl.store(x0_ptr + rows[:, None] * stride_x0 + cols[None, :], x0.to(x0_ptr.dtype.element_ty), mask=mask)
 
 
 # ------------------------------------------------------------------------------------------------ host side
-_TILE = 1024          # elements per program
+_TILE = 1024          # elements per tile
+_SUBTILES = 2         # tiles per program once a sample fills a tile (the per-program work amortised over 2048)
 _NUM_WARPS = 4
+_MAX_GRID_YZ = 65535  # CUDA's limit on grid axes 1 and 2
 
 
 class StepTensors(NamedTuple):
@@ -288,9 +330,11 @@ class StepTensors(NamedTuple):
 
 
 def _tile(n: int):
-    """(SAMPLES, BLOCK_N) for N elements per sample: one sample per program once N fills a tile."""
+    """(SAMPLES, BLOCK_N, SUBTILES) for N elements per sample: one sample per program once N fills a tile; then
+    SUBTILES tiles per program while N has that many."""
     block_n = max(4, min(_TILE, triton.next_power_of_2(max(n, 1))))
-    return max(1, _TILE // block_n), block_n
+    samples = max(1, _TILE // block_n)
+    return samples, block_n, (_SUBTILES if samples == 1 and n > block_n else 1)
 
 
 def _span(t: torch.Tensor | None, B: int, N: int) -> int:
@@ -314,11 +358,12 @@ def _launch(kernel, ts: StepTensors, sample_offset: int, clip_mode: int, var_mod
     N = x[0].numel() if B else 0
     if B == 0 or N == 0:
         return
-    samples, block_n = _tile(N)
+    samples, block_n, subtiles = _tile(N)
     # int64 offsets only when some tensor's [B, N] view reaches past 2^31 elements (chosen here, on the host)
     span = max(_span(a, B, N) for a in (x, ts.out, ts.var, ts.noise, ts.base, prev, ts.x0))
     int64 = bool(force_int64) or span >= 2**31 - 1 or B >= 2**31 - 1
-    grid = (triton.cdiv(B, samples) * triton.cdiv(N, block_n),)
+    groups = triton.cdiv(B, samples)
+    grid = (triton.cdiv(N, block_n * subtiles), min(groups, _MAX_GRID_YZ), triton.cdiv(groups, _MAX_GRID_YZ))
     # absent optional tensors: any valid pointer (never read: the constexpr modes switch their loads off)
     either = lambda a, b: b if a is None else a  # noqa: E731
     stride = lambda a: 0 if a is None else a.stride(0)  # noqa: E731
@@ -330,7 +375,8 @@ def _launch(kernel, ts: StepTensors, sample_offset: int, clip_mode: int, var_mod
             x.stride(0), ts.out.stride(0), stride(ts.var), stride(ts.noise), stride(ts.base), prev.stride(0),
             stride(ts.x0), ts.table.stride(0),
             CLIP_MODE=clip_mode, VAR_MODE=var_mode, NOISE_MODE=noise_mode, WRITE_X0=ts.x0 is not None,
-            HAS_BASE=ts.base is not None, SAMPLES=samples, BLOCK_N=block_n, INT64=int64, num_warps=_NUM_WARPS,
+            HAS_BASE=ts.base is not None, SAMPLES=samples, BLOCK_N=block_n, SUBTILES=subtiles, INT64=int64,
+            num_warps=_NUM_WARPS,
         )
 
 

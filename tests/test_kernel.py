@@ -106,11 +106,11 @@ def test_in_kernel_noise_is_the_reference_stream(kind):
     _check(got, want, _bound(table, t, x, o, z)[1])
 
 
-def _kernel_noise(B, N, seed, step, sample_offset=0):
+def _kernel_noise(B, N, seed, step, sample_offset=0, dtype=torch.float32):
     """z straight out of the kernel: a one-row table with only SIGMA = 1 makes x_{t−1} = z."""
     table = torch.zeros(1, tables.NCOL, dtype=torch.float32, device=DEV)
     table[0, tables.COL["SIGMA"]] = 1.0
-    x = torch.zeros(B, N, device=DEV)
+    x = torch.zeros(B, N, device=DEV, dtype=dtype)
     prev = torch.full_like(x, float("nan"))
     K.reverse_step(K.StepTensors(x, x, table, torch.zeros(B, dtype=torch.int64, device=DEV), prev,
                                  step=torch.full((B,), step, dtype=torch.int64, device=DEV),
@@ -143,6 +143,23 @@ def test_kernel_noise_independent_of_batch_split_and_tile():
     assert torch.equal(whole[4:], part)
     big = _kernel_noise(2, 3000, seed=5, step=7)            # other tile shape (one sample per program)
     assert torch.equal(big[:, :37], whole[:2])
+
+
+def test_kernel_noise_in_16_bit_storage_is_the_stream():
+    """16-bit storage builds the noise in the 8-per-thread load layout (two Philox groups per thread): the same
+    stream, rounded once to the storage dtype."""
+    z = _kernel_noise(3, 2500, seed=12, step=9, sample_offset=2, dtype=torch.float16)
+    want = noise.randn(12, torch.arange(2, 5), 9, 2500)
+    torch.testing.assert_close(z.float().cpu(), want.half().float(), rtol=2.0**-10, atol=1e-6)
+
+
+def test_many_sample_groups_split_over_grid_axes(monkeypatch):
+    """More sample groups than a grid axis holds: axes 1 and 2 share them (CUDA's 65535 limit, here made tiny)."""
+    monkeypatch.setattr(K, "_MAX_GRID_YZ", 2)
+    x, o, z, t = _inputs(7, 4097)
+    got = ddpm_step(o, t, x, S, seed=3, backend="triton")
+    want = ddpm_step(o.double(), t, x.double(), S, seed=3, backend="reference")
+    _check(got.prev_sample, want.prev_sample, _bound(tables.ddpm_table(S), t, x, o, noise.noise_like(x, 3, t))[1])
 
 
 def test_int64_indexing_path_matches():
