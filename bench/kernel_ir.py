@@ -42,8 +42,9 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-_PTRS = ("x_ptr", "out_ptr", "var_ptr", "noise_ptr", "base_ptr", "prev_ptr", "x0_ptr")
-_DIV16 = ("N", "stride_x", "stride_out", "stride_var", "stride_noise", "stride_base", "stride_prev", "stride_x0")
+_PTRS = ("x_ptr", "out_ptr", "var_ptr", "noise_ptr", "base_ptr", "prev_ptr", "x0_ptr", "cond_ptr")
+_DIV16 = ("N", "stride_x", "stride_out", "stride_var", "stride_noise", "stride_base", "stride_prev", "stride_x0",
+          "stride_cond")
 # modes as in fastrev.kernels.modes (plain numbers here: --module may load a copy of the kernel without that module)
 CLIP_RANGE, VAR_FIXED, VAR_RANGE, NOISE_NONE, NOISE_TENSOR, NOISE_PHILOX = 1, 0, 2, 0, 1, 2
 VARIANTS = {   # name: constexprs (see kernels/reverse_step.py)
@@ -51,6 +52,7 @@ VARIANTS = {   # name: constexprs (see kernels/reverse_step.py)
     "ddpm_noise": dict(CLIP_MODE=CLIP_RANGE, VAR_MODE=VAR_FIXED, NOISE_MODE=NOISE_TENSOR),    # caller's noise
     "ddim": dict(CLIP_MODE=CLIP_RANGE, VAR_MODE=VAR_FIXED, NOISE_MODE=NOISE_NONE),            # η = 0
     "learned_range": dict(CLIP_MODE=CLIP_RANGE, VAR_MODE=VAR_RANGE, NOISE_MODE=NOISE_PHILOX),
+    "ddpm_cfg": dict(CLIP_MODE=CLIP_RANGE, VAR_MODE=VAR_FIXED, NOISE_MODE=NOISE_PHILOX, GUIDED=True),  # guidance
 }
 ELEM_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
@@ -78,6 +80,8 @@ def compile_variant(K, dtype: str, consts: dict, arch, block_n: int, num_warps: 
     fn = K._reverse_step_kernel
     names = fn.arg_names
     defaults = dict(WRITE_X0=True, HAS_BASE=False, SAMPLES=1, BLOCK_N=block_n, INT64=False)
+    if "GUIDED" in names:
+        defaults["GUIDED"] = False
     if "SUBTILES" in names:
         defaults["SUBTILES"] = subtiles or getattr(K, "_SUBTILES", 1)
     constexprs = {**defaults, **consts}
@@ -85,7 +89,7 @@ def compile_variant(K, dtype: str, consts: dict, arch, block_n: int, num_warps: 
     for n in names:
         if n in _PTRS:
             sig[n] = "*" + dtype
-        elif n in ("thresh_ptr", "table_ptr"):
+        elif n in ("thresh_ptr", "table_ptr", "guide_ptr"):
             sig[n] = "*fp32"
         elif n in ("t_ptr", "step_ptr", "seed_ptr"):
             sig[n] = "*i64"
@@ -200,9 +204,11 @@ def occupancy(regs: int, shared: int, num_warps: int) -> float:
 
 
 def bytes_per_element(variant: str, dtype: str, write_x0: bool = True) -> int:
-    """Bytes moved per element by a variant: read x and out, write x_{t−1} (and x̂₀), + noise / variance reads."""
+    """Bytes moved per element by a variant: read x and out, write x_{t−1} (and x̂₀), + noise / variance / conditional
+    half (guidance) reads."""
     c = VARIANTS[variant]
-    n = 3 + int(write_x0) + int(c["NOISE_MODE"] == NOISE_TENSOR) + int(c["VAR_MODE"] != VAR_FIXED)
+    n = 3 + int(write_x0) + int(c["NOISE_MODE"] == NOISE_TENSOR) + int(c["VAR_MODE"] != VAR_FIXED) + \
+        int(c.get("GUIDED", False))
     return n * ELEM_BYTES[dtype]
 
 

@@ -18,8 +18,9 @@ Per element (see ``fastrev.tables`` for the table's columns)::
 
 Bytes moved per element, float32 storage (the minimum for the step):
     read x (4) + read out (4) + write x_{t−1} (4) + write x̂₀ (4)           = 16 B   (12 B without x̂₀)
-    + 4 B to read external noise, + 4 B to read learned-variance channels; the table, t and s are O(B) bytes.
-    bfloat16 / float16 storage halve every term; the math is float32.
+    + 4 B to read external noise, + 4 B to read learned-variance channels, + 4 B to read the conditional half of a
+    classifier-free-guided output (combined in registers); the table, t and s are O(B) bytes.
+    bfloat16 / float16 storage halve every term; the math is float32. docs/kernel.md has the table per mode.
 
 Host side: one launcher, :func:`reverse_step`, taking the tensors as a :class:`StepTensors` named tuple and the
 modes of :mod:`fastrev.kernels.modes`; it picks int32/int64 offsets, the grid and the CUDA device, and goes through
@@ -212,10 +213,11 @@ def _reverse_step_kernel(
     x_ptr, out_ptr, var_ptr, noise_ptr, base_ptr,       # inputs [B, N]: x_t, model output, variance channels, z, base
     thresh_ptr, table_ptr, t_ptr, step_ptr, seed_ptr,    # fp32 [B]; fp32 [T, NCOL]; int64 [B]; int64 [B]; int64 [1]
     prev_ptr, x0_ptr,                                    # outputs [B, N]
+    cond_ptr, guide_ptr,                                 # guidance: conditional output [B, N]; fp32 [B, 2]
     B, N, sample_offset,
-    stride_x, stride_out, stride_var, stride_noise, stride_base, stride_prev, stride_x0, table_stride,
+    stride_x, stride_out, stride_var, stride_noise, stride_base, stride_prev, stride_x0, stride_cond, table_stride,
     CLIP_MODE: tl.constexpr, VAR_MODE: tl.constexpr, NOISE_MODE: tl.constexpr, WRITE_X0: tl.constexpr,
-    HAS_BASE: tl.constexpr,
+    HAS_BASE: tl.constexpr, GUIDED: tl.constexpr,
     SAMPLES: tl.constexpr, BLOCK_N: tl.constexpr, SUBTILES: tl.constexpr, INT64: tl.constexpr,
 ):
     """One program: SAMPLES samples × SUBTILES consecutive tiles of BLOCK_N elements. The per-program work (the
@@ -245,6 +247,9 @@ def _reverse_step_kernel(
         lim = tl.load(thresh_ptr + rows, mask=row_ok, other=1.0)[:, None]
     if HAS_BASE:
         d = tl.load(coef + _D, mask=row_ok, other=0.0)[:, None]
+    if GUIDED:      # out = g_u·uncond + g_c·cond (g_u = f·(1 − w), g_c = f·w; f the guidance-rescale factor)
+        g_u = tl.load(guide_ptr + 2 * rows, mask=row_ok, other=0.0)[:, None]
+        g_c = tl.load(guide_ptr + 2 * rows + 1, mask=row_ok, other=0.0)[:, None]
     if VAR_MODE == modes.VAR_RANGE:
         log_lo = tl.load(coef + _LOG_LO, mask=row_ok, other=0.0)[:, None]
         log_hi = tl.load(coef + _LOG_HI, mask=row_ok, other=0.0)[:, None]
@@ -260,6 +265,9 @@ def _reverse_step_kernel(
         mask = row_ok[:, None] & (cols < N)[None, :]
         x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         o = tl.load(out_ptr + rows[:, None] * stride_out + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        if GUIDED:  # classifier-free guidance: both halves of the model output combined in registers
+            oc = tl.load(cond_ptr + rows[:, None] * stride_cond + cols[None, :], mask=mask, other=0.0)
+            o = g_u * o + g_c * oc.to(tl.float32)
 
         x0 = a * x + b * o
         if CLIP_MODE == modes.CLIP_RANGE:
@@ -313,7 +321,9 @@ class StepTensors(NamedTuple):
     x, out: x_t and the model output (its ε/x₀/v part); table: float32 [T, NCOL] contiguous; t: int64 [B] contiguous
     table rows; prev: x_{t−1} (written). Optional: var (learned-variance channels), noise (z), base (third state,
     column D), thresh (float32 [B] dynamic-threshold scale), step (int64 [B] noise steps; None: t), seed (int64 [1],
-    read iff noise_mode is NOISE_PHILOX), x0 (x̂₀, written when given).
+    read iff noise_mode is NOISE_PHILOX), x0 (x̂₀, written when given), cond + guide (classifier-free guidance: the
+    conditional half of the model output, and float32 [B, 2] contiguous (g_u, g_c): the output used is
+    g_u·out + g_c·cond, with ``out`` the unconditional half).
     """
     x: torch.Tensor
     out: torch.Tensor
@@ -327,6 +337,8 @@ class StepTensors(NamedTuple):
     step: torch.Tensor | None = None
     seed: torch.Tensor | None = None
     x0: torch.Tensor | None = None
+    cond: torch.Tensor | None = None
+    guide: torch.Tensor | None = None
 
 
 def _tile(n: int):
@@ -360,7 +372,7 @@ def _launch(kernel, ts: StepTensors, sample_offset: int, clip_mode: int, var_mod
         return
     samples, block_n, subtiles = _tile(N)
     # int64 offsets only when some tensor's [B, N] view reaches past 2^31 elements (chosen here, on the host)
-    span = max(_span(a, B, N) for a in (x, ts.out, ts.var, ts.noise, ts.base, prev, ts.x0))
+    span = max(_span(a, B, N) for a in (x, ts.out, ts.var, ts.noise, ts.base, prev, ts.x0, ts.cond))
     int64 = bool(force_int64) or span >= 2**31 - 1 or B >= 2**31 - 1
     groups = triton.cdiv(B, samples)
     grid = (triton.cdiv(N, block_n * subtiles), min(groups, _MAX_GRID_YZ), triton.cdiv(groups, _MAX_GRID_YZ))
@@ -370,13 +382,13 @@ def _launch(kernel, ts: StepTensors, sample_offset: int, clip_mode: int, var_mod
     with device_guard(x.device):
         kernel[grid](
             x, ts.out, either(ts.var, x), either(ts.noise, x), either(ts.base, x), either(ts.thresh, x), ts.table,
-            ts.t, either(ts.step, ts.t), either(ts.seed, ts.t), prev, either(ts.x0, prev),
-            B, N, int(sample_offset),
+            ts.t, either(ts.step, ts.t), either(ts.seed, ts.t), prev, either(ts.x0, prev), either(ts.cond, x),
+            either(ts.guide, ts.table), B, N, int(sample_offset),
             x.stride(0), ts.out.stride(0), stride(ts.var), stride(ts.noise), stride(ts.base), prev.stride(0),
-            stride(ts.x0), ts.table.stride(0),
+            stride(ts.x0), stride(ts.cond), ts.table.stride(0),
             CLIP_MODE=clip_mode, VAR_MODE=var_mode, NOISE_MODE=noise_mode, WRITE_X0=ts.x0 is not None,
-            HAS_BASE=ts.base is not None, SAMPLES=samples, BLOCK_N=block_n, SUBTILES=subtiles, INT64=int64,
-            num_warps=_NUM_WARPS,
+            HAS_BASE=ts.base is not None, GUIDED=ts.cond is not None, SAMPLES=samples, BLOCK_N=block_n,
+            SUBTILES=subtiles, INT64=int64, num_warps=_NUM_WARPS,
         )
 
 
@@ -408,15 +420,15 @@ def _register():
     triton_op = getattr(torch.library, "triton_op", None)
     wrap = getattr(torch.library, "wrap_triton", None)
     if triton_op is None or wrap is None:  # pragma: no cover - torch < 2.6
-        return lambda *a: _launch(_reverse_step_kernel, StepTensors(*a[:12]), *a[12:])
+        return lambda *a: _launch(_reverse_step_kernel, StepTensors(*a[:14]), *a[14:])
 
     @triton_op("fastrev::reverse_step", mutates_args={"prev", "x0"})
     def _reverse_step_op(x: torch.Tensor, out: torch.Tensor, table: torch.Tensor, t: torch.Tensor, prev: torch.Tensor,
                          var: torch.Tensor | None, noise: torch.Tensor | None, base: torch.Tensor | None,
                          thresh: torch.Tensor | None, step: torch.Tensor | None, seed: torch.Tensor | None,
-                         x0: torch.Tensor | None, sample_offset: int, clip_mode: int, var_mode: int, noise_mode: int,
-                         force_int64: bool) -> None:
-        ts = StepTensors(x, out, table, t, prev, var, noise, base, thresh, step, seed, x0)
+                         x0: torch.Tensor | None, cond: torch.Tensor | None, guide: torch.Tensor | None,
+                         sample_offset: int, clip_mode: int, var_mode: int, noise_mode: int, force_int64: bool) -> None:
+        ts = StepTensors(x, out, table, t, prev, var, noise, base, thresh, step, seed, x0, cond, guide)
         _launch(wrap(_reverse_step_kernel), ts, sample_offset, clip_mode, var_mode, noise_mode, force_int64)
 
     return _reverse_step_op

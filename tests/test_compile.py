@@ -25,6 +25,8 @@ CASES = [  # dtype, constexprs
     ("bf16", dict(CLIP_MODE=1, VAR_MODE=0, NOISE_MODE=2)),
     ("fp16", dict(CLIP_MODE=0, VAR_MODE=2, NOISE_MODE=1, SAMPLES=8, BLOCK_N=128)),
     ("bf16", dict(CLIP_MODE=2, VAR_MODE=3, NOISE_MODE=2, HAS_BASE=True, WRITE_X0=False)),
+    ("fp32", dict(CLIP_MODE=1, VAR_MODE=1, NOISE_MODE=2, GUIDED=True)),
+    ("bf16", dict(CLIP_MODE=2, VAR_MODE=0, NOISE_MODE=0, GUIDED=True, SAMPLES=4, BLOCK_N=256)),
 ]
 
 SCRIPT = """
