@@ -1,7 +1,8 @@
 """hypothesis fuzzing of the fused kernel (interpreter on CPU) against the float64 reference.
 
-Random shapes, batch sizes, options, dtypes, layouts, noise sources and per-sample timesteps; the example count is
-the hypothesis profile's (conftest: "ci" 600, "dev" 60, env FASTREV_HYPOTHESIS_PROFILE), no deadline. Every failure
+Random shapes, batch sizes, options, dtypes, layouts, noise sources, per-sample timesteps and classifier-free
+guidance; the example count is the hypothesis profile's (conftest: "ci" 600, "dev" 60, env
+FASTREV_HYPOTHESIS_PROFILE), no deadline. Every failure
 the fuzzer ever found stays below as an ``@example``. The tolerance is the per-element, per-prediction-type bound of
 tests/_bounds.py (the one test_kernel.py uses), and ``test_bound_rejects_a_wrong_step`` shows that it can fail.
 """
@@ -43,6 +44,7 @@ def cases(draw):
         offset=draw(st.integers(0, 10**6)), layout=draw(st.sampled_from(["contiguous", "batch_strided",
                                                                          "channels_last"])),
         in_place=draw(st.booleans()), data_seed=draw(st.integers(0, 2**31 - 1)),
+        guidance=draw(st.sampled_from([None, None, 0.0, 1.0, 3.5, 7.5])),
     )
 
 
@@ -93,6 +95,16 @@ def _run_case(c, backend="triton", table=None):
     else:
         kw["seed"] = c["seed"]
         z = noise.noise_like(x, c["seed"], t, c["offset"])
+    o_bound = o                 # what the bound reads as the model output (terms, variance channels)
+    if c.get("guidance") is not None:   # classifier-free guidance: o is the unconditional half; draw the conditional
+        w = c["guidance"]
+        oc = _make(oshape, c["layout"], g, c["dtype"])
+        if learned:
+            oc[:, C:] = o[:, C:].flip(0)          # valid variance values, other than the unconditional half's
+        kw["guidance_scale"] = w
+        o = torch.cat([o, oc])
+        o_bound = torch.cat([((1 - w) * o[: x.shape[0], :C].double()).abs() + (w * oc[:, :C].double()).abs(),
+                             oc[:, C:].double()], 1)
     want = fn(o.double(), t, x.double(), s, backend="reference",
               **{**kw, "noise": kw["noise"].double() if "noise" in kw else None})
     xin = x.clone() if c["in_place"] else x
@@ -103,7 +115,7 @@ def _run_case(c, backend="triton", table=None):
                              thresholding=c["clip"] == "threshold", sample_max_value=c["clip_range"] + 1.0,
                              noise=kw.get("noise"), seed=None if "seed" not in kw else noise.as_seed_tensor(
                                  c["seed"], DEV), sample_offset=c["offset"], backend="triton")
-    return (x, o, z, t, xin), got, want
+    return (x, o_bound, z, t, xin), got, want
 
 
 def _worst(c, inputs, got, want):
@@ -131,10 +143,10 @@ def _worst(c, inputs, got, want):
 # the float64 reference instead of the reference in the storage dtype
 @example(c=dict(sched=3, kind="ddim", pred="epsilon", var="fixed_small", shape=(1, 2), t=[998], clip="none",
                 clip_range=0.5, eta=0.0, use_clipped=False, dtype=torch.float16, noise="tensor", seed=0, offset=0,
-                layout="contiguous", in_place=False, data_seed=0))
+                layout="contiguous", in_place=False, data_seed=0, guidance=None))
 @example(c=dict(sched=3, kind="ddim", pred="v_prediction", var="fixed_small", shape=(2, 1), t=[19 * 0 + 999, 0],
                 clip="threshold", clip_range=1.0, eta=1.0, use_clipped=True, dtype=torch.float32, noise="seed",
-                seed=2**64 - 1, offset=0, layout="contiguous", in_place=True, data_seed=0))
+                seed=2**64 - 1, offset=0, layout="contiguous", in_place=True, data_seed=0, guidance=None))
 def test_kernel_matches_reference(c):
     inputs, got, want = _run_case(c)
     x, xin = inputs[0], inputs[4]
@@ -149,7 +161,7 @@ def test_kernel_matches_reference(c):
 # t, whatever the prediction type) was about 16 against |x_{t−1}| ≤ 4.6
 ZT_V = dict(sched=3, kind="ddpm", pred="v_prediction", var="fixed_small", shape=(2, 3, 7), t=[999, 500], clip="none",
             clip_range=1.0, eta=0.0, use_clipped=False, dtype=torch.float32, noise="tensor", seed=0, offset=0,
-            layout="contiguous", in_place=False, data_seed=1)
+            layout="contiguous", in_place=False, data_seed=1, guidance=None)
 
 
 @pytest.mark.parametrize("c", [ZT_V, {**ZT_V, "kind": "ddim", "eta": 1.0, "noise": "seed", "seed": 5},
