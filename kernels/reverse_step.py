@@ -1,14 +1,16 @@
 """The fused reverse step: one Triton kernel, one memory pass.
 
 Every tensor is seen as ``[B, N]``: a batch stride and N contiguous elements per sample (a plain tensor, a batch
-slice, or the ε-half of a ``[B, 2C, ...]`` learned-variance output all qualify without a copy). Each program owns a
-tile of ``SAMPLES × BLOCK_N`` elements (``SAMPLES > 1`` packs several small samples into one program) and gathers
-its samples' coefficient rows from the float32 table by their step t, read from device memory: nothing per-step is
-a Python scalar, so a captured CUDA graph replays correctly at every step, and nothing is ``tl.constexpr`` but the
-shape of the work (no recompiles across steps).
+slice, or the ε-half of a ``[B, 2C, ...]`` learned-variance output all qualify without a copy). Each program owns
+``SUBTILES`` tiles of ``SAMPLES × BLOCK_N`` elements (``SAMPLES > 1`` packs several small samples into one program;
+``SUBTILES = 2`` consecutive tiles of a large sample, processed in a loop) and gathers its samples' coefficient rows
+from the float32 table by their step t, read from device memory: nothing per-step is a Python scalar, so a captured
+CUDA graph replays correctly at every step, and nothing is ``tl.constexpr`` but the shape of the work (no
+recompiles across steps).
 
 Per element (see ``fastrev.tables`` for the table's columns)::
 
+    out     = the model output, or g_u·out_u + g_c·out_c with classifier-free guidance (the two halves of it)
     x̂₀      = A·x + B·out                  → clip (±CLIP) or dynamic threshold (per-sample s, from a pre-pass)
     x_{t−1} = C0·x̂₀ + C1·x + C2·out (+ D·base) + σ·z   σ fixed or per element from the learned-variance channels
     z       = the caller's noise, or Philox4x32-10(seed; e//4, i, k, 0) through Box–Muller — fastrev.noise's stream,
@@ -225,10 +227,12 @@ def _reverse_step_kernel(
     # grid: (element blocks, sample groups split over axes 1 and 2 as the 65535 limit requires) - no division
     pid_n = tl.program_id(0)
     pid_b = tl.program_id(1)
+    pid_z = tl.program_id(2)
     if INT64:
         pid_n = pid_n.to(tl.int64)
         pid_b = pid_b.to(tl.int64)
-    pid_b += tl.program_id(2) * tl.num_programs(1)
+        pid_z = pid_z.to(tl.int64)
+    pid_b += pid_z * tl.num_programs(1)
     rows = pid_b * SAMPLES + tl.arange(0, SAMPLES)          # [S] samples of this program
     row_ok = rows < B
 
