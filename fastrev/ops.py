@@ -28,6 +28,7 @@ from . import _cpu
 from . import noise as _noise
 from . import reference as R
 from . import tables as T
+from .kernels.guidance import split_guided
 from .schedule import Schedule
 
 __all__ = ["StepOutput", "ddpm_step", "ddim_step", "BACKENDS", "resolve_timestep", "resolve_backend", "table_dtype",
@@ -205,7 +206,7 @@ def _flat_view(x: torch.Tensor) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------------ the op
 def _step(kind, model_output, timestep, sample, schedule, *, prediction_type, variance_type, clip_sample,
           clip_sample_range, thresholding, dynamic_thresholding_ratio, sample_max_value, noise, seed,
-          sample_offset, generator, out, backend, return_x0, eta=0.0, use_clipped_model_output=False):
+          sample_offset, generator, out, backend, return_x0, eta=0.0, use_clipped_model_output=False, guidance=None):
     # ---- validation (every message names the argument and the expectation)
     if not isinstance(schedule, Schedule):
         raise TypeError(f"schedule must be a fastrev.Schedule, got {type(schedule).__name__}")
@@ -270,6 +271,8 @@ def _step(kind, model_output, timestep, sample, schedule, *, prediction_type, va
     any_f64 = torch.float64 in (sample.dtype, model_output.dtype) or (
         noise is not None and noise.dtype == torch.float64)
     backend = resolve_backend(backend, device, any_f64=any_f64, needs_grad=needs_grad)
+    if guidance is not None and backend != "triton":     # eager paths: combine the halves, then the ordinary update
+        model_output, guidance = guidance.combine(), None
 
     # ---- noise source (the counter stream unless a tensor is given)
     seed_t = None
@@ -307,13 +310,13 @@ def _step(kind, model_output, timestep, sample, schedule, *, prediction_type, va
                       clip=clip, thresholding=thresholding, dynamic_thresholding_ratio=dynamic_thresholding_ratio,
                       sample_max_value=sample_max_value, noise=noise if stochastic else None,
                       seed=seed_t, sample_offset=sample_offset, stochastic=stochastic, out=out, return_x0=return_x0,
-                      backend=backend)
+                      backend=backend, guidance=guidance)
 
 
 def fused_step(table, t, sample, model_output, *, learned=False, variance_type="fixed_small", clip=False,
                thresholding=False, dynamic_thresholding_ratio=0.995, sample_max_value=1.0, noise=None, seed=None,
                sample_offset=0, stochastic=True, out=None, return_x0=True, var_mode=None, step=None,
-               base=None, backend="triton") -> StepOutput:
+               base=None, backend="triton", guidance=None) -> StepOutput:
     """One table step, x̂₀ = A·x + B·out (clip/threshold), x_{t−1} = C0·x̂₀ + C1·x + C2·out (+ D·base) + σ·z, on a
     resolved backend (:func:`resolve_backend`) — the same inputs, the same counter noise on each:
 
@@ -329,8 +332,11 @@ def fused_step(table, t, sample, model_output, *, learned=False, variance_type="
     ``t``: int64 [B] table rows. ``var_mode`` overrides the variance mode implied by ``variance_type`` (e.g.
     ``tables.VAR_LINEAR``); ``step`` (int64 [B]) is the noise step of the counter stream when it differs from the
     row ``t``; ``base`` is the optional third state (column D). ``seed``: int64 [1] device tensor (counter noise
-    when ``noise`` is None and ``stochastic``). No validation here: the public ops validate.
+    when ``noise`` is None and ``stochastic``). ``guidance``: a :class:`fastrev.kernels.guidance.Guidance` (then
+    ``model_output`` is its unconditional half), combined in the kernel. No validation here: the public ops validate.
     """
+    if guidance is not None and backend != "triton":
+        model_output, guidance = guidance.combine(), None
     if var_mode is None:   # the variance channels only count when the output carries them (learned=True)
         var_mode = T.VAR_MODES[variance_type] if learned else T.VAR_FIXED
     if backend == "torch":
@@ -353,6 +359,11 @@ def fused_step(table, t, sample, model_output, *, learned=False, variance_type="
         eps_part, var_part = _flat_view(model_output[:, :C]), _flat_view(model_output[:, C:])
     else:
         eps_part, var_part = _flat_view(model_output), None
+    cond = guide = None
+    if guidance is not None:          # classifier-free guidance: both halves go to the kernel, combined in registers
+        eps_u, eps_c, var_c = guidance.parts()
+        eps_part, cond, guide = _flat_view(eps_u), _flat_view(eps_c), guidance.kernel_guide()
+        var_part = None if var_c is None or not learned else _flat_view(var_c)
     if noise is not None:
         noise_mode, z = K.NOISE_TENSOR, _flat_view(noise)
     elif stochastic:
@@ -362,7 +373,8 @@ def fused_step(table, t, sample, model_output, *, learned=False, variance_type="
     thresh = None
     if thresholding:
         clip_mode = K.CLIP_THRESHOLD
-        thresh = _threshold_scale(table, t, x, eps_part, dynamic_thresholding_ratio, sample_max_value)
+        thresh = _threshold_scale(table, t, x, eps_part if guidance is None else guidance.combine_output(),
+                                  dynamic_thresholding_ratio, sample_max_value)
     else:
         clip_mode = K.CLIP_RANGE if clip else K.CLIP_NONE
     # outputs: write straight into `out` when the kernel can address it (in place over `sample` included); an `out`
@@ -373,8 +385,10 @@ def fused_step(table, t, sample, model_output, *, learned=False, variance_type="
     else:
         prev = _alloc(sample)
     x0 = _alloc(sample) if return_x0 else None
-    K.reverse_step(x, eps_part, var_part, z, None if base is None else _flat_view(base), thresh, table, t, step,
-                   seed, prev, x0, sample_offset, clip_mode, var_mode, noise_mode)
+    K.reverse_step(K.StepTensors(x, eps_part, table, t, prev, var=var_part, noise=z, thresh=thresh, step=step,
+                                 seed=seed, x0=x0, base=None if base is None else _flat_view(base), cond=cond,
+                                 guide=guide),
+                   sample_offset=sample_offset, clip_mode=clip_mode, var_mode=var_mode, noise_mode=noise_mode)
     if out is not None and prev is not out:
         out.copy_(prev)
         prev = out
@@ -550,6 +564,11 @@ _DOC_ARGS = """
         backend: "auto" (triton on CUDA, torch elsewhere), "triton" (the fused kernel), "torch" (the same table
             update in eager float32 torch), "reference" (the float64 oracle); see the module doc.
         return_x0: also write x̂₀ (16 B/elem in fp32 instead of 12).
+        guidance_scale: classifier-free guidance w (a float, or a [B] tensor per sample): ``model_output`` is then
+            the [2B, ...] concatenation of the unconditional and the conditional outputs (unconditional first), and
+            the step uses u + w·(c − u), combined in the kernel's registers (learned variances: the conditional
+            half's variance channels). guidance_rescale: φ in [0, 1] of Lin et al. 2023 (a per-sample statistics
+            pre-pass). See :mod:`fastrev.kernels.guidance`.
     Returns:
         StepOutput(prev_sample, pred_original_sample)
 """
@@ -558,24 +577,28 @@ _DOC_ARGS = """
 def ddpm_step(model_output, timestep, sample, schedule, *, prediction_type="epsilon", variance_type="fixed_small",
               clip_sample=False, clip_sample_range=1.0, thresholding=False, dynamic_thresholding_ratio=0.995,
               sample_max_value=1.0, noise=None, seed=None, sample_offset=0, generator=None, out=None,
-              backend="auto", return_x0=True) -> StepOutput:
+              backend="auto", return_x0=True, guidance_scale=None, guidance_rescale=0.0) -> StepOutput:
+    model_output, guidance = split_guided(model_output, sample, guidance_scale, guidance_rescale,
+                                          variance_type in ("learned", "learned_range"))
     return _step("ddpm", model_output, timestep, sample, schedule, prediction_type=prediction_type,
                  variance_type=variance_type, clip_sample=clip_sample, clip_sample_range=clip_sample_range,
                  thresholding=thresholding, dynamic_thresholding_ratio=dynamic_thresholding_ratio,
                  sample_max_value=sample_max_value, noise=noise, seed=seed, sample_offset=sample_offset,
-                 generator=generator, out=out, backend=backend, return_x0=return_x0)
+                 generator=generator, out=out, backend=backend, return_x0=return_x0, guidance=guidance)
 
 
 def ddim_step(model_output, timestep, sample, schedule, *, eta=0.0, use_clipped_model_output=False,
               prediction_type="epsilon", clip_sample=False, clip_sample_range=1.0, thresholding=False,
               dynamic_thresholding_ratio=0.995, sample_max_value=1.0, noise=None, seed=None, sample_offset=0,
-              generator=None, out=None, backend="auto", return_x0=True) -> StepOutput:
+              generator=None, out=None, backend="auto", return_x0=True, guidance_scale=None,
+              guidance_rescale=0.0) -> StepOutput:
+    model_output, guidance = split_guided(model_output, sample, guidance_scale, guidance_rescale)
     return _step("ddim", model_output, timestep, sample, schedule, prediction_type=prediction_type,
                  variance_type="fixed_small", clip_sample=clip_sample, clip_sample_range=clip_sample_range,
                  thresholding=thresholding, dynamic_thresholding_ratio=dynamic_thresholding_ratio,
                  sample_max_value=sample_max_value, noise=noise, seed=seed, sample_offset=sample_offset,
                  generator=generator, out=out, backend=backend, return_x0=return_x0, eta=eta,
-                 use_clipped_model_output=use_clipped_model_output)
+                 use_clipped_model_output=use_clipped_model_output, guidance=guidance)
 
 
 ddpm_step.__doc__ = ("One ancestral DDPM step: x_{t−1} = μ̃_t(x_t, x̂₀) + σ_t z (no noise where t = 0); "

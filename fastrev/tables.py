@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import torch
 
+from .kernels.modes import VAR_FIXED, VAR_LINEAR, VAR_LOG, VAR_RANGE
 from .reference import PREDICTION_TYPES, VARIANCE_TYPES
 from .schedule import Schedule
 
@@ -28,7 +29,6 @@ __all__ = ["NCOL", "COL", "VAR_MODES", "x0_coefficients", "eps_coefficients", "d
 
 COL = dict(A=0, B=1, C0=2, C1=3, C2=4, SIGMA=5, LOG_LO=6, LOG_HI=7, CLIP=8, D=9)
 NCOL = 10
-VAR_FIXED, VAR_LOG, VAR_RANGE, VAR_LINEAR = 0, 1, 2, 3
 VAR_MODES = {"fixed_small": VAR_FIXED, "fixed_large": VAR_FIXED, "learned": VAR_LOG, "learned_range": VAR_RANGE}
 
 

@@ -1,14 +1,16 @@
 """The fused reverse step: one Triton kernel, one memory pass.
 
 Every tensor is seen as ``[B, N]``: a batch stride and N contiguous elements per sample (a plain tensor, a batch
-slice, or the ε-half of a ``[B, 2C, ...]`` learned-variance output all qualify without a copy). Each program owns a
-tile of ``SAMPLES × BLOCK_N`` elements (``SAMPLES > 1`` packs several small samples into one program) and gathers
-its samples' coefficient rows from the float32 table by their step t, read from device memory: nothing per-step is
-a Python scalar, so a captured CUDA graph replays correctly at every step, and nothing is ``tl.constexpr`` but the
-shape of the work (no recompiles across steps).
+slice, or the ε-half of a ``[B, 2C, ...]`` learned-variance output all qualify without a copy). Each program owns
+``SUBTILES`` tiles of ``SAMPLES × BLOCK_N`` elements (``SAMPLES > 1`` packs several small samples into one program;
+``SUBTILES = 2`` consecutive tiles of a large sample, processed in a loop) and gathers its samples' coefficient rows
+from the float32 table by their step t, read from device memory: nothing per-step is a Python scalar, so a captured
+CUDA graph replays correctly at every step, and nothing is ``tl.constexpr`` but the shape of the work (no
+recompiles across steps).
 
 Per element (see ``fastrev.tables`` for the table's columns)::
 
+    out     = the model output, or g_u·out_u + g_c·out_c with classifier-free guidance (the two halves of it)
     x̂₀      = A·x + B·out                  → clip (±CLIP) or dynamic threshold (per-sample s, from a pre-pass)
     x_{t−1} = C0·x̂₀ + C1·x + C2·out (+ D·base) + σ·z   σ fixed or per element from the learned-variance channels
     z       = the caller's noise, or Philox4x32-10(seed; e//4, i, k, 0) through Box–Muller — fastrev.noise's stream,
@@ -18,66 +20,192 @@ Per element (see ``fastrev.tables`` for the table's columns)::
 
 Bytes moved per element, float32 storage (the minimum for the step):
     read x (4) + read out (4) + write x_{t−1} (4) + write x̂₀ (4)           = 16 B   (12 B without x̂₀)
-    + 4 B to read external noise, + 4 B to read learned-variance channels; the table, t and s are O(B) bytes.
-    bfloat16 / float16 storage halve every term; the math is float32.
+    + 4 B to read external noise, + 4 B to read learned-variance channels, + 4 B to read the conditional half of a
+    classifier-free-guided output (combined in registers); the table, t and s are O(B) bytes.
+    bfloat16 / float16 storage halve every term; the math is float32. docs/kernel.md has the table per mode.
+
+Host side: one launcher, :func:`reverse_step`, taking the tensors as a :class:`StepTensors` named tuple and the
+modes of :mod:`fastrev.kernels.modes`; it picks int32/int64 offsets, the grid and the CUDA device, and goes through
+the registered ``torch.ops.fastrev.reverse_step`` when torch.compile traces it. docs/kernel.md has the cost model.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
+from fastrev.kernels import modes
+from fastrev.kernels.modes import (
+    CLIP_NONE,
+    CLIP_RANGE,
+    CLIP_THRESHOLD,
+    NOISE_NONE,
+    NOISE_PHILOX,
+    NOISE_TENSOR,
+    VAR_FIXED,
+    VAR_LINEAR,
+    VAR_LOG,
+    VAR_RANGE,
+)
 
-__all__ = ["reverse_step", "launch_reverse_step", "INTERPRET", "CLIP_NONE", "CLIP_RANGE", "CLIP_THRESHOLD",
-           "NOISE_NONE", "NOISE_TENSOR", "NOISE_PHILOX"]
+__all__ = ["StepTensors", "reverse_step", "device_guard", "INTERPRET", "CLIP_NONE", "CLIP_RANGE", "CLIP_THRESHOLD",
+           "VAR_FIXED", "VAR_LOG", "VAR_RANGE", "VAR_LINEAR", "NOISE_NONE", "NOISE_TENSOR", "NOISE_PHILOX"]
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
-CLIP_NONE, CLIP_RANGE, CLIP_THRESHOLD = 0, 1, 2
-NOISE_NONE, NOISE_TENSOR, NOISE_PHILOX = 0, 1, 2
 # table columns (fastrev.tables.COL)
 _A, _B, _C0, _C1, _C2, _SIGMA, _LOG_LO, _LOG_HI, _CLIP, _D = (tl.constexpr(i) for i in range(10))
 
 
 # ------------------------------------------------------------------------------------------------ device functions
+# The normals of fastrev.noise without libdevice's general-purpose log/sin/cos: the arguments here have known ranges
+# (u1 in [1e-7, 1), the angle 2π·u2 in [0, 2π)), so one argument reduction serves both sin and cos and no special
+# cases are needed. All in float32 with ordinary rounding (no approximate hardware functions): within 1e-6 of the
+# reference stream (tests/test_kernel.py), and identical on every backend Triton compiles for.
+
+# Philox4x32-10 (Salmon et al. 2011), as tl.philox: round multipliers and key increments
+_PHILOX_M0, _PHILOX_M1 = tl.constexpr(0xD2511F53), tl.constexpr(0xCD9E8D57)
+_PHILOX_W0, _PHILOX_W1 = tl.constexpr(0x9E3779B9), tl.constexpr(0xBB67AE85)
+# π/2 split in two: HI has 20 significant bits, so k·HI is exact for the quadrants k ≤ 4 and θ − k·HI is exact
+_PIO2_HI = tl.constexpr(1.5707950592041016)
+_PIO2_LO = tl.constexpr(1.2675908465098473e-06)
+_TWO_OVER_PI = tl.constexpr(0.6366197723675814)
+_ROUND_MAGIC = tl.constexpr(12582912.0)      # 1.5·2²³: x + MAGIC rounds x to an integer held in the low bits
+# sin r = r + r³·(SIN0 + z·SIN1 + z²·SIN2), cos r = 1 + z·(−½ + z·(COS0 + z·COS1 + z²·COS2)), z = r², |r| ≤ π/4
+# (least-squares fits, relative error below one float32 ulp on that interval)
+_SIN0, _SIN1, _SIN2 = tl.constexpr(-0.16666662693023682), tl.constexpr(0.008332503959536552), \
+    tl.constexpr(-0.0001954892068170011)
+_COS0, _COS1, _COS2 = tl.constexpr(0.04166635870933533), tl.constexpr(-0.0013869121903553605), \
+    tl.constexpr(2.2145530238049105e-05)
+# log u = e·ln 2 + log1p(f), u = 2^e·(1 + f), 1 + f in [2/3, 4/3); log1p(f) = f − f²/2 + f³·P(f), P of degree 6
+_LN2_HI, _LN2_LO = tl.constexpr(0.693359375), tl.constexpr(-0.00021219444170128554)
+_TWO_THIRDS_BITS = tl.constexpr(0x3F2AAAAB)
+_LOG0, _LOG1, _LOG2, _LOG3 = tl.constexpr(0.3333335816860199), tl.constexpr(-0.25001609325408936), \
+    tl.constexpr(0.19996868073940277), tl.constexpr(-0.1654772311449051)
+_LOG4, _LOG5, _LOG6 = tl.constexpr(0.14299945533275604), tl.constexpr(-0.14633670449256897), \
+    tl.constexpr(0.12258646637201309)
+
+
+@triton.jit
+def _mul_wide(a, m: tl.constexpr):
+    """(high, low) 32-bit words of the 64-bit product a·m: one wide multiply instead of mul.hi + mul.lo."""
+    p = a.to(tl.uint64) * m
+    return (p >> 32).to(tl.uint32), p.to(tl.uint32)
+
+
+@triton.jit
+def _philox(c0, c1, c2, c3, k0, k1):
+    """Philox4x32-10 of the counter (c0, c1, c2, c3) under the key (k0, k1); bit-exact with ``tl.philox``."""
+    for _ in tl.static_range(10):
+        hi0, lo0 = _mul_wide(c0, _PHILOX_M0)
+        hi2, lo2 = _mul_wide(c2, _PHILOX_M1)
+        c0, c1, c2, c3 = hi2 ^ c1 ^ k0, lo2, hi0 ^ c3 ^ k1, lo0
+        k0 = tl.add(k0, _PHILOX_W0, sanitize_overflow=False)
+        k1 = tl.add(k1, _PHILOX_W1, sanitize_overflow=False)
+    return c0, c1, c2, c3
+
+
 @triton.jit
 def _uniform(w):
-    """uint32 words [S, Q] → float32 uniforms in [0, 1), as ``tl.random.uint_to_uniform_float``."""
+    """uint32 words → float32 uniforms in [0, 1), as ``tl.random.uint_to_uniform_float``."""
     x = w.to(tl.int32, bitcast=True)
     x = tl.where(x < 0, ~x, x)
     return x.to(tl.float32) * 4.6566127342e-10
 
 
 @triton.jit
-def _box_muller(u1, u2):
-    """Two float32 uniform tiles [S, Q] → two standard-normal tiles [S, Q] (``tl.random.pair_uniform_to_normal``)."""
-    u1 = tl.maximum(1.0e-7, u1)
-    th = 6.283185307179586 * u2
-    r = tl.sqrt(-2.0 * tl.log(u1))
-    return r * tl.cos(th), r * tl.sin(th)
+def _minus_2_log(u):
+    """−2·log u for float32 u in [1e-7, 1) (positive, normal: no special cases). The −2 is folded into the
+    constants: scaling by a power of two is exact, so this is bit-for-bit −2 × the plain evaluation."""
+    bits = u.to(tl.int32, bitcast=True)
+    e = (bits - _TWO_THIRDS_BITS) >> 23                       # u = 2^e·m, m in [2/3, 4/3)
+    f = (bits - (e << 23)).to(tl.float32, bitcast=True) - 1.0  # exact
+    p = (-2.0 * _LOG6) * f + (-2.0 * _LOG5)
+    p = p * f + (-2.0 * _LOG4)
+    p = p * f + (-2.0 * _LOG3)
+    p = p * f + (-2.0 * _LOG2)
+    p = p * f + (-2.0 * _LOG1)
+    p = p * f + (-2.0 * _LOG0)
+    ef = e.to(tl.float32)
+    return ef * (-2.0 * _LN2_HI) + ((f * f) * (p * f + 1.0) + (-2.0 * f) + ef * (-2.0 * _LN2_LO))
 
 
 @triton.jit
-def _counter_normals(seed, group, sample, step, SAMPLES: tl.constexpr, BLOCK_N: tl.constexpr):
-    """The counter stream of ``fastrev.noise`` for a tile.
+def _sincos(th):
+    """(sin θ, cos θ) for float32 θ in [0, 2π]: one shared quadrant reduction, two short polynomials."""
+    j = th * _TWO_OVER_PI + _ROUND_MAGIC
+    k = j - _ROUND_MAGIC                                      # nearest quadrant, 0..4
+    q = j.to(tl.int32, bitcast=True)                          # its low bits: k mod 4
+    r = th - k * _PIO2_HI                                     # exact
+    r = r - k * _PIO2_LO                                      # |r| ≤ π/4 + ε
+    z = r * r
+    s = (z * (_SIN2 * z + _SIN1) + _SIN0) * (z * r) + r
+    c = (z * ((_COS2 * z + _COS1) * z + _COS0) - 0.5) * z + 1.0
+    swap = (q & 1) != 0
+    sin_abs = tl.where(swap, c, s).to(tl.int32, bitcast=True)
+    cos_abs = tl.where(swap, s, c).to(tl.int32, bitcast=True)
+    sin_t = (sin_abs ^ ((q << 30) & -2147483648)).to(tl.float32, bitcast=True)          # negative in quadrants 2, 3
+    cos_t = (cos_abs ^ (((q + 1) << 30) & -2147483648)).to(tl.float32, bitcast=True)    # negative in quadrants 1, 2
+    return sin_t, cos_t
 
-    seed: int64 scalar (the Philox key); group: [BLOCK_N // 4] element groups e // 4; sample: [SAMPLES] global sample
-    indices i; step: [SAMPLES] steps t. Returns float32 [SAMPLES, BLOCK_N]: element 4g + k is word k of
-    Philox(seed; g, i, t, 0) through Box–Muller — all four words of every Philox call are used.
-    """
-    Q: tl.constexpr = BLOCK_N // 4
-    zero = tl.zeros([SAMPLES, Q], dtype=tl.uint32)
-    c0 = group.to(tl.uint32)[None, :] + zero
-    c1 = sample.to(tl.uint32)[:, None] + zero
-    c2 = step.to(tl.uint32)[:, None] + zero
-    w0, w1, w2, w3 = tl.philox(seed, c0, c1, c2, zero)
+
+@triton.jit
+def _box_muller(u1, u2):
+    """Two float32 uniform tiles [S, Q] → two standard-normal tiles [S, Q] (``tl.random.pair_uniform_to_normal``)."""
+    u1 = tl.maximum(1.0e-7, u1)
+    r = tl.sqrt(_minus_2_log(u1))
+    s, c = _sincos(6.283185307179586 * u2)
+    return r * c, r * s
+
+
+@triton.jit
+def _group_normals(seed_lo, seed_hi, group, sample, step):
+    """Word k of Philox(seed; group, sample, step, 0) through Box–Muller, for k = 0..3: four float32 tiles."""
+    zero = tl.zeros(group.shape, dtype=tl.uint32)
+    w0, w1, w2, w3 = _philox(group.to(tl.uint32) + zero, sample.to(tl.uint32) + zero, step.to(tl.uint32) + zero,
+                             zero, seed_lo, seed_hi)
     n0, n1 = _box_muller(_uniform(w0), _uniform(w1))
     n2, n3 = _box_muller(_uniform(w2), _uniform(w3))
-    # interleave so that element 4g + k holds n_k: join → [S, Q, 2, 2] with [.., i, j] = n_{2i+j}
-    z = tl.join(tl.join(n0, n2), tl.join(n1, n3))
+    return n0, n1, n2, n3
+
+
+@triton.jit
+def _counter_normals(seed_lo, seed_hi, group0, sample, step, SAMPLES: tl.constexpr, BLOCK_N: tl.constexpr,
+                     VEC: tl.constexpr):
+    """The counter stream of ``fastrev.noise`` for a tile.
+
+    seed_lo, seed_hi: the two uint32 words of the seed (the Philox key); group0: the tile's first element group (its
+    first element // 4); sample: [SAMPLES] global sample indices i; step: [SAMPLES] steps t. Returns float32
+    [SAMPLES, BLOCK_N]: element 4g + k is word k of Philox(seed; g, i, t, 0) through Box–Muller — all four words of
+    every Philox call are used.
+
+    VEC (4 or 8) is the number of consecutive elements one thread loads at once (16 bytes of the storage dtype): the
+    noise is built in the same register layout (8: two consecutive groups per thread), so it needs no shuffle
+    through shared memory.
+    """
+    lo, hi = seed_lo, seed_hi
+    s = sample.to(tl.uint32)[:, None]
+    t = step.to(tl.uint32)[:, None]
+    if VEC == 8:
+        H: tl.constexpr = BLOCK_N // 8
+        g = (group0 + 2 * tl.arange(0, H))[None, :]                   # even groups; g + 1 the odd ones
+        a0, a1, a2, a3 = _group_normals(lo, hi, g, s, t)
+        b0, b1, b2, b3 = _group_normals(lo, hi, g + 1, s, t)
+        # [S, H, 2, 2, 2] with [.., i, j, k] = n_{2j+k} of group 2h + i... built as join(a, b) on the last axis, then
+        # that axis moved in front of the two word axes
+        za = tl.join(tl.join(a0, a2), tl.join(a1, a3))
+        zb = tl.join(tl.join(b0, b2), tl.join(b1, b3))
+        z = tl.permute(tl.join(za, zb), (0, 1, 4, 2, 3))
+    else:
+        Q: tl.constexpr = BLOCK_N // 4
+        g = (group0 + tl.arange(0, Q))[None, :]
+        n0, n1, n2, n3 = _group_normals(lo, hi, g, s, t)
+        # interleave so that element 4g + k holds n_k: join → [S, Q, 2, 2] with [.., i, j] = n_{2i+j}
+        z = tl.join(tl.join(n0, n2), tl.join(n1, n3))
     return tl.reshape(z, [SAMPLES, BLOCK_N])
 
 
@@ -85,24 +213,28 @@ def _counter_normals(seed, group, sample, step, SAMPLES: tl.constexpr, BLOCK_N: 
 @triton.jit(do_not_specialize=["sample_offset"])
 def _reverse_step_kernel(
     x_ptr, out_ptr, var_ptr, noise_ptr, base_ptr,       # inputs [B, N]: x_t, model output, variance channels, z, base
-    thresh_ptr, table_ptr, t_ptr, step_ptr, seed_ptr,    # float32 [B]; float32 [T, NCOL]; int64 [B]; int64 [B]; int64 [1]
+    thresh_ptr, table_ptr, t_ptr, step_ptr, seed_ptr,    # fp32 [B]; fp32 [T, NCOL]; int64 [B]; int64 [B]; int64 [1]
     prev_ptr, x0_ptr,                                    # outputs [B, N]
+    cond_ptr, guide_ptr,                                 # guidance: conditional output [B, N]; fp32 [B, 2]
     B, N, sample_offset,
-    stride_x, stride_out, stride_var, stride_noise, stride_base, stride_prev, stride_x0, table_stride,
+    stride_x, stride_out, stride_var, stride_noise, stride_base, stride_prev, stride_x0, stride_cond, table_stride,
     CLIP_MODE: tl.constexpr, VAR_MODE: tl.constexpr, NOISE_MODE: tl.constexpr, WRITE_X0: tl.constexpr,
-    HAS_BASE: tl.constexpr,
-    SAMPLES: tl.constexpr, BLOCK_N: tl.constexpr, INT64: tl.constexpr,
+    HAS_BASE: tl.constexpr, GUIDED: tl.constexpr,
+    SAMPLES: tl.constexpr, BLOCK_N: tl.constexpr, SUBTILES: tl.constexpr, INT64: tl.constexpr,
 ):
-    pid = tl.program_id(0)
+    """One program: SAMPLES samples × SUBTILES consecutive tiles of BLOCK_N elements. The per-program work (the
+    coefficient rows, the seed, Philox's key schedule) is done once for all SUBTILES tiles."""
+    # grid: (element blocks, sample groups split over axes 1 and 2 as the 65535 limit requires) - no division
+    pid_n = tl.program_id(0)
+    pid_b = tl.program_id(1)
+    pid_z = tl.program_id(2)
     if INT64:
-        pid = pid.to(tl.int64)
-    blocks_n = tl.cdiv(N, BLOCK_N)
-    pid_b = pid // blocks_n
-    pid_n = pid % blocks_n
-    rows = pid_b * SAMPLES + tl.arange(0, SAMPLES)          # [S] samples of this tile
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)          # [BN] elements within each sample
+        pid_n = pid_n.to(tl.int64)
+        pid_b = pid_b.to(tl.int64)
+        pid_z = pid_z.to(tl.int64)
+    pid_b += pid_z * tl.num_programs(1)
+    rows = pid_b * SAMPLES + tl.arange(0, SAMPLES)          # [S] samples of this program
     row_ok = rows < B
-    mask = row_ok[:, None] & (cols < N)[None, :]
 
     # per-sample step and coefficient row (tiny gathers, cached)
     t = tl.load(t_ptr + rows, mask=row_ok, other=0)
@@ -113,63 +245,112 @@ def _reverse_step_kernel(
     c1 = tl.load(coef + _C1, mask=row_ok, other=0.0)[:, None]
     c2 = tl.load(coef + _C2, mask=row_ok, other=0.0)[:, None]
     sig = tl.load(coef + _SIGMA, mask=row_ok, other=0.0)[:, None]
-
-    x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    o = tl.load(out_ptr + rows[:, None] * stride_out + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-
-    x0 = a * x + b * o
-    if CLIP_MODE == 1:
-        r = tl.load(coef + _CLIP, mask=row_ok, other=1.0)[:, None]
-        x0 = tl.clamp(x0, -r, r, propagate_nan=tl.PropagateNan.ALL)
-    elif CLIP_MODE == 2:
-        s = tl.load(thresh_ptr + rows, mask=row_ok, other=1.0)[:, None]
-        x0 = tl.clamp(x0, -s, s, propagate_nan=tl.PropagateNan.ALL) / s
-    prev = c0 * x0 + c1 * x + c2 * o
+    if CLIP_MODE == modes.CLIP_RANGE:
+        lim = tl.load(coef + _CLIP, mask=row_ok, other=1.0)[:, None]
+    elif CLIP_MODE == modes.CLIP_THRESHOLD:
+        lim = tl.load(thresh_ptr + rows, mask=row_ok, other=1.0)[:, None]
     if HAS_BASE:
         d = tl.load(coef + _D, mask=row_ok, other=0.0)[:, None]
-        base = tl.load(base_ptr + rows[:, None] * stride_base + cols[None, :], mask=mask, other=0.0)
-        prev += d * base.to(tl.float32)
+    if GUIDED:      # out = g_u·uncond + g_c·cond (g_u = f·(1 − w), g_c = f·w; f the guidance-rescale factor)
+        g_u = tl.load(guide_ptr + 2 * rows, mask=row_ok, other=0.0)[:, None]
+        g_c = tl.load(guide_ptr + 2 * rows + 1, mask=row_ok, other=0.0)[:, None]
+    if VAR_MODE == modes.VAR_RANGE:
+        log_lo = tl.load(coef + _LOG_LO, mask=row_ok, other=0.0)[:, None]
+        log_hi = tl.load(coef + _LOG_HI, mask=row_ok, other=0.0)[:, None]
+    if NOISE_MODE == modes.NOISE_PHILOX:
+        seed = tl.load(seed_ptr).to(tl.uint64)
+        seed_lo, seed_hi = (seed & 0xFFFFFFFF).to(tl.uint32), (seed >> 32).to(tl.uint32)
+        step = tl.load(step_ptr + rows, mask=row_ok, other=0)
+        VEC: tl.constexpr = 8 if (x_ptr.dtype.element_ty.primitive_bitwidth == 16 and BLOCK_N >= 8) else 4
 
-    if NOISE_MODE != 0:
-        if VAR_MODE == 0:
-            sigma = sig
-        else:
-            v = tl.load(var_ptr + rows[:, None] * stride_var + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-            if VAR_MODE == 1:
-                sigma = sig * tl.exp(0.5 * v)
-            elif VAR_MODE == 2:
-                lo = tl.load(coef + _LOG_LO, mask=row_ok, other=0.0)[:, None]
-                hi = tl.load(coef + _LOG_HI, mask=row_ok, other=0.0)[:, None]
-                frac = (v + 1.0) * 0.5
-                sigma = sig * tl.exp(0.5 * (frac * hi + (1.0 - frac) * lo))
+    for sub in tl.range(0, SUBTILES, loop_unroll_factor=1):     # a loop, not unrolled: registers of one tile
+        first = (pid_n * SUBTILES + sub) * BLOCK_N
+        cols = first + tl.arange(0, BLOCK_N)                # [BN] elements within each sample
+        mask = row_ok[:, None] & (cols < N)[None, :]
+        x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        o = tl.load(out_ptr + rows[:, None] * stride_out + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        if GUIDED:  # classifier-free guidance: both halves of the model output combined in registers
+            oc = tl.load(cond_ptr + rows[:, None] * stride_cond + cols[None, :], mask=mask, other=0.0)
+            o = g_u * o + g_c * oc.to(tl.float32)
+
+        x0 = a * x + b * o
+        if CLIP_MODE == modes.CLIP_RANGE:
+            x0 = tl.clamp(x0, -lim, lim, propagate_nan=tl.PropagateNan.ALL)
+        elif CLIP_MODE == modes.CLIP_THRESHOLD:
+            x0 = tl.clamp(x0, -lim, lim, propagate_nan=tl.PropagateNan.ALL) / lim
+        prev = c0 * x0 + c1 * x + c2 * o
+        if HAS_BASE:
+            base = tl.load(base_ptr + rows[:, None] * stride_base + cols[None, :], mask=mask, other=0.0)
+            prev += d * base.to(tl.float32)
+
+        if NOISE_MODE != modes.NOISE_NONE:
+            if VAR_MODE == modes.VAR_FIXED:
+                sigma = sig
             else:
-                sigma = sig * tl.sqrt(v)
-        if NOISE_MODE == 1:
-            z = tl.load(noise_ptr + rows[:, None] * stride_noise + cols[None, :], mask=mask, other=0.0)
-            z = z.to(tl.float32)
-        else:
-            seed = tl.load(seed_ptr)
-            group = pid_n * (BLOCK_N // 4) + tl.arange(0, BLOCK_N // 4)
-            step = tl.load(step_ptr + rows, mask=row_ok, other=0)
-            z = _counter_normals(seed, group, rows + sample_offset, step, SAMPLES, BLOCK_N)
-        # gate on the table's switch, not on σ: at a no-noise step (SIGMA = 0) nothing is added, even where the
-        # learned-variance channels would make σ NaN (√ of a negative variance, 0·inf)
-        prev = tl.where(sig != 0.0, prev + sigma * z, prev)
+                v = tl.load(var_ptr + rows[:, None] * stride_var + cols[None, :], mask=mask, other=0.0)
+                v = v.to(tl.float32)
+                if VAR_MODE == modes.VAR_LOG:
+                    sigma = sig * tl.exp(0.5 * v)
+                elif VAR_MODE == modes.VAR_RANGE:
+                    frac = (v + 1.0) * 0.5
+                    sigma = sig * tl.exp(0.5 * (frac * log_hi + (1.0 - frac) * log_lo))
+                else:  # modes.VAR_LINEAR
+                    sigma = sig * tl.sqrt(v)
+            if NOISE_MODE == modes.NOISE_TENSOR:
+                z = tl.load(noise_ptr + rows[:, None] * stride_noise + cols[None, :], mask=mask, other=0.0)
+                z = z.to(tl.float32)
+            else:  # modes.NOISE_PHILOX
+                z = _counter_normals(seed_lo, seed_hi, first // 4, rows + sample_offset, step, SAMPLES, BLOCK_N,
+                                     VEC)
+            # gate on the table's switch, not on σ: at a no-noise step (SIGMA = 0) nothing is added, even where the
+            # learned-variance channels would make σ NaN (√ of a negative variance, 0·inf)
+            prev = tl.where(sig != 0.0, prev + sigma * z, prev)
 
-    tl.store(prev_ptr + rows[:, None] * stride_prev + cols[None, :], prev.to(prev_ptr.dtype.element_ty), mask=mask)
-    if WRITE_X0:
-        tl.store(x0_ptr + rows[:, None] * stride_x0 + cols[None, :], x0.to(x0_ptr.dtype.element_ty), mask=mask)
+        tl.store(prev_ptr + rows[:, None] * stride_prev + cols[None, :], prev.to(prev_ptr.dtype.element_ty),
+                 mask=mask)
+        if WRITE_X0:
+            tl.store(x0_ptr + rows[:, None] * stride_x0 + cols[None, :], x0.to(x0_ptr.dtype.element_ty), mask=mask)
 
 
-# ------------------------------------------------------------------------------------------------ launcher
-_TILE = 1024          # elements per program
+# ------------------------------------------------------------------------------------------------ host side
+_TILE = 1024          # elements per tile
+_SUBTILES = 2         # tiles per program once a sample fills a tile (the per-program work amortised over 2048)
 _NUM_WARPS = 4
+_MAX_GRID_YZ = 65535  # CUDA's limit on grid axes 1 and 2
+
+
+class StepTensors(NamedTuple):
+    """The tensors of one step. Every [B, ...] tensor is contiguous within each sample (any batch stride).
+
+    x, out: x_t and the model output (its ε/x₀/v part); table: float32 [T, NCOL] contiguous; t: int64 [B] contiguous
+    table rows; prev: x_{t−1} (written). Optional: var (learned-variance channels), noise (z), base (third state,
+    column D), thresh (float32 [B] dynamic-threshold scale), step (int64 [B] noise steps; None: t), seed (int64 [1],
+    read iff noise_mode is NOISE_PHILOX), x0 (x̂₀, written when given), cond + guide (classifier-free guidance: the
+    conditional half of the model output, and float32 [B, 2] contiguous (g_u, g_c): the output used is
+    g_u·out + g_c·cond, with ``out`` the unconditional half).
+    """
+    x: torch.Tensor
+    out: torch.Tensor
+    table: torch.Tensor
+    t: torch.Tensor
+    prev: torch.Tensor
+    var: torch.Tensor | None = None
+    noise: torch.Tensor | None = None
+    base: torch.Tensor | None = None
+    thresh: torch.Tensor | None = None
+    step: torch.Tensor | None = None
+    seed: torch.Tensor | None = None
+    x0: torch.Tensor | None = None
+    cond: torch.Tensor | None = None
+    guide: torch.Tensor | None = None
 
 
 def _tile(n: int):
-    """(SAMPLES, BLOCK_N) for N elements per sample: one sample per program once N fills a tile."""
+    """(SAMPLES, BLOCK_N, SUBTILES) for N elements per sample: one sample per program once N fills a tile; then
+    SUBTILES tiles per program while N has that many."""
     block_n = max(4, min(_TILE, triton.next_power_of_2(max(n, 1))))
-    return max(1, _TILE // block_n), block_n
+    samples = max(1, _TILE // block_n)
+    return samples, block_n, (_SUBTILES if samples == 1 and n > block_n else 1)
 
 
 def _span(t: torch.Tensor | None, B: int, N: int) -> int:
@@ -179,26 +360,6 @@ def _span(t: torch.Tensor | None, B: int, N: int) -> int:
     return (B - 1) * abs(t.stride(0)) + N
 
 
-def _batch_stride(t: torch.Tensor | None) -> int:
-    return 0 if t is None else t.stride(0)
-
-
-def _launch(kernel, x, out, var, noise, base, thresh, table, t, step, seed, prev, x0, sample_offset: int,
-            clip_mode: int, var_mode: int, noise_mode: int, force_int64: bool = False) -> None:
-    B = x.shape[0]
-    N = x[0].numel() if B else 0
-    if B == 0 or N == 0:
-        return
-    samples, block_n = _tile(N)
-    # int64 offsets only when some tensor's [B, N] view reaches past 2^31 elements (chosen here, on the host)
-    span = max(_span(a, B, N) for a in (x, out, var, noise, base, prev, x0))
-    int64 = bool(force_int64) or span >= 2**31 - 1 or B >= 2**31 - 1
-    grid = (triton.cdiv(B, samples) * triton.cdiv(N, block_n),)
-    with device_guard(x.device):
-        _run(kernel, grid, x, out, var, noise, base, thresh, table, t, step, seed, prev, x0, B, N, sample_offset,
-             clip_mode, var_mode, noise_mode, samples, block_n, int64)
-
-
 def device_guard(device: torch.device):
     """Triton launches on the *current* CUDA device: make it the tensors' device (cuda:1, a torchrun rank ...)."""
     if device.type == "cuda" and device.index is not None and device.index != torch.cuda.current_device():
@@ -206,40 +367,50 @@ def device_guard(device: torch.device):
     return contextlib.nullcontext()
 
 
-def _run(kernel, grid, x, out, var, noise, base, thresh, table, t, step, seed, prev, x0, B, N, sample_offset,
-         clip_mode, var_mode, noise_mode, samples, block_n, int64):
-    kernel[grid](
-        x, out, var if var is not None else x, noise if noise is not None else x, base if base is not None else x,
-        thresh if thresh is not None else x, table, t, step if step is not None else t,
-        seed if seed is not None else t, prev, x0 if x0 is not None else prev,
-        B, N, sample_offset,
-        x.stride(0), out.stride(0), _batch_stride(var), _batch_stride(noise), _batch_stride(base), prev.stride(0),
-        _batch_stride(x0), table.stride(0),
-        CLIP_MODE=clip_mode, VAR_MODE=var_mode, NOISE_MODE=noise_mode, WRITE_X0=x0 is not None,
-        HAS_BASE=base is not None, SAMPLES=samples, BLOCK_N=block_n, INT64=int64, num_warps=_NUM_WARPS,
-    )
+def _launch(kernel, ts: StepTensors, sample_offset: int, clip_mode: int, var_mode: int, noise_mode: int,
+            force_int64: bool) -> None:
+    x, prev = ts.x, ts.prev
+    B = x.shape[0]
+    N = x[0].numel() if B else 0
+    if B == 0 or N == 0:
+        return
+    samples, block_n, subtiles = _tile(N)
+    # int64 offsets only when some tensor's [B, N] view reaches past 2^31 elements (chosen here, on the host)
+    span = max(_span(a, B, N) for a in (x, ts.out, ts.var, ts.noise, ts.base, prev, ts.x0, ts.cond))
+    int64 = bool(force_int64) or span >= 2**31 - 1 or B >= 2**31 - 1
+    groups = triton.cdiv(B, samples)
+    grid = (triton.cdiv(N, block_n * subtiles), min(groups, _MAX_GRID_YZ), triton.cdiv(groups, _MAX_GRID_YZ))
+    # absent optional tensors: any valid pointer (never read: the constexpr modes switch their loads off)
+    either = lambda a, b: b if a is None else a  # noqa: E731
+    stride = lambda a: 0 if a is None else a.stride(0)  # noqa: E731
+    with device_guard(x.device):
+        kernel[grid](
+            x, ts.out, either(ts.var, x), either(ts.noise, x), either(ts.base, x), either(ts.thresh, x), ts.table,
+            ts.t, either(ts.step, ts.t), either(ts.seed, ts.t), prev, either(ts.x0, prev), either(ts.cond, x),
+            either(ts.guide, ts.table), B, N, int(sample_offset),
+            x.stride(0), ts.out.stride(0), stride(ts.var), stride(ts.noise), stride(ts.base), prev.stride(0),
+            stride(ts.x0), stride(ts.cond), ts.table.stride(0),
+            CLIP_MODE=clip_mode, VAR_MODE=var_mode, NOISE_MODE=noise_mode, WRITE_X0=ts.x0 is not None,
+            HAS_BASE=ts.base is not None, GUIDED=ts.cond is not None, SAMPLES=samples, BLOCK_N=block_n,
+            SUBTILES=subtiles, INT64=int64, num_warps=_NUM_WARPS,
+        )
 
 
-def launch_reverse_step(x, out, var, noise, base, thresh, table, t, step, seed, prev, x0, sample_offset: int,
-                        clip_mode: int, var_mode: int, noise_mode: int, force_int64: bool = False) -> None:
-    """Launch the kernel directly (no torch.library op). Every [B, ...] tensor must be contiguous within each
-    sample (any batch stride); ``table`` float32 [T, NCOL] contiguous; ``t`` int64 [B] contiguous (table rows);
-    ``step`` int64 [B] noise steps (None: ``t``); ``seed`` int64 [1] (read iff noise_mode is NOISE_PHILOX);
-    ``var``/``noise``/``base``/``thresh``/``x0`` may be None. Writes ``prev`` (and ``x0``)."""
-    _launch(_reverse_step_kernel, x, out, var, noise, base, thresh, table, t, step, seed, prev, x0,
-            int(sample_offset), clip_mode, var_mode, noise_mode, force_int64)
+def reverse_step(ts: StepTensors, *, sample_offset: int = 0, clip_mode: int = CLIP_NONE, var_mode: int = VAR_FIXED,
+                 noise_mode: int = NOISE_NONE, force_int64: bool = False, via_op: bool | None = None) -> None:
+    """Launch the fused step: writes ``ts.prev`` (and ``ts.x0``). The one launcher of the kernel.
 
-
-def reverse_step(x, out, var, noise, base, thresh, table, t, step, seed, prev, x0, sample_offset: int,
-                 clip_mode: int, var_mode: int, noise_mode: int, force_int64: bool = False) -> None:
-    """The registered op ``fastrev::reverse_step`` (mutates ``prev`` and ``x0``); arguments as
-    :func:`launch_reverse_step`. Eager calls skip the op's dispatcher and launch directly (tens of µs less per
-    step where the step is launch-bound); code being compiled by torch.compile goes through the op."""
-    if not _is_compiling():
-        return _launch(_reverse_step_kernel, x, out, var, noise, base, thresh, table, t, step, seed, prev, x0,
-                       int(sample_offset), clip_mode, var_mode, noise_mode, force_int64)
-    return _op(x, out, var, noise, base, thresh, table, t, step, seed, prev, x0, int(sample_offset), clip_mode,
-               var_mode, noise_mode, bool(force_int64))
+    ``sample_offset``: global index of sample 0 in the counter stream; the modes are :mod:`fastrev.kernels.modes`
+    constants; ``force_int64`` forces 64-bit offsets (chosen automatically past 2³¹ elements). ``via_op``: go
+    through the registered op ``torch.ops.fastrev.reverse_step`` (default: only while torch.compile traces the
+    call; eager calls launch directly, tens of µs less per step where the step is launch-bound).
+    """
+    if via_op is None:
+        via_op = _is_compiling()
+    if via_op:
+        _op(*ts, int(sample_offset), int(clip_mode), int(var_mode), int(noise_mode), bool(force_int64))
+    else:
+        _launch(_reverse_step_kernel, ts, sample_offset, clip_mode, var_mode, noise_mode, force_int64)
 
 
 def _is_compiling() -> bool:
@@ -249,20 +420,20 @@ def _is_compiling() -> bool:
 
 def _register():
     """Register through ``torch.library.triton_op`` so torch.compile'd code calls the kernel without a graph
-    break (the compiler sees the Triton kernel itself)."""
+    break (the compiler sees the Triton kernel itself). The op's schema is StepTensors' fields, then the modes."""
     triton_op = getattr(torch.library, "triton_op", None)
     wrap = getattr(torch.library, "wrap_triton", None)
     if triton_op is None or wrap is None:  # pragma: no cover - torch < 2.6
-        return launch_reverse_step
+        return lambda *a: _launch(_reverse_step_kernel, StepTensors(*a[:14]), *a[14:])
 
     @triton_op("fastrev::reverse_step", mutates_args={"prev", "x0"})
-    def _reverse_step_op(x: torch.Tensor, out: torch.Tensor, var: torch.Tensor | None, noise: torch.Tensor | None,
-                         base: torch.Tensor | None, thresh: torch.Tensor | None, table: torch.Tensor,
-                         t: torch.Tensor, step: torch.Tensor | None, seed: torch.Tensor | None, prev: torch.Tensor,
-                         x0: torch.Tensor | None, sample_offset: int, clip_mode: int, var_mode: int,
-                         noise_mode: int, force_int64: bool) -> None:
-        _launch(wrap(_reverse_step_kernel), x, out, var, noise, base, thresh, table, t, step, seed, prev, x0,
-                sample_offset, clip_mode, var_mode, noise_mode, force_int64)
+    def _reverse_step_op(x: torch.Tensor, out: torch.Tensor, table: torch.Tensor, t: torch.Tensor, prev: torch.Tensor,
+                         var: torch.Tensor | None, noise: torch.Tensor | None, base: torch.Tensor | None,
+                         thresh: torch.Tensor | None, step: torch.Tensor | None, seed: torch.Tensor | None,
+                         x0: torch.Tensor | None, cond: torch.Tensor | None, guide: torch.Tensor | None,
+                         sample_offset: int, clip_mode: int, var_mode: int, noise_mode: int, force_int64: bool) -> None:
+        ts = StepTensors(x, out, table, t, prev, var, noise, base, thresh, step, seed, x0, cond, guide)
+        _launch(wrap(_reverse_step_kernel), ts, sample_offset, clip_mode, var_mode, noise_mode, force_int64)
 
     return _reverse_step_op
 

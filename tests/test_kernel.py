@@ -3,10 +3,10 @@
 Runs on CPU tensors under the Triton interpreter (conftest sets TRITON_INTERPRET=1), on the GPU when one is present.
 Every comparison uses fresh random inputs; every kernel output is poisoned with NaN before the launch.
 
-Tolerance (fp32 storage): the fp32 rounding error of a sum is bounded by the sum of the magnitudes of its terms, so
-|kernel − reference| ≤ 1e-6 · (|ref| + Σ|terms|) element-wise, the terms taken from the float64 table
-(C0·(|A x| + |B out|), |C1 x|, |C2 out|, |σ z|). fp16 storage: the same against the reference on the fp16-rounded
-inputs, plus one fp16 rounding of the output (2⁻¹¹ relative).
+Tolerance (tests/_bounds.py, shared with the fuzz test): the fp32 rounding error of a sum is bounded by the sum of
+the magnitudes of its terms, so |kernel − reference| ≤ 1e-6 · (|ref| + Σ|terms|) element-wise, the terms taken from
+the float64 table (C0·(|A x| + |B out|), |C1 x|, |C2 out|, |σ z|). fp16 storage: the same against the reference on
+the fp16-rounded inputs, plus one fp16 rounding of the output (2⁻¹¹ relative).
 """
 
 import os
@@ -15,13 +15,11 @@ import sys
 
 import pytest
 import torch
-
-import fastrev
-import fastrev.ops as ops
-from fastrev import Schedule, ddim_step, ddpm_step, noise, tables
+from _bounds import check, step_terms
 from fastrev.kernels import reverse_step as K
 
-scipy_stats = pytest.importorskip("scipy.stats")
+import fastrev.ops as ops
+from fastrev import Schedule, ddim_step, ddpm_step, noise, tables
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 S = Schedule.linear()
@@ -50,24 +48,12 @@ def _inputs(B, n, var="fixed_small", dtype=torch.float32):
 
 
 def _bound(table64, t, x, o, z, var_sigma=None):
-    """1e-6 · (Σ |terms|) element-wise, from the float64 table."""
-    c = table64[t.cpu()].to(DEV)
-    col = lambda k: c[:, tables.COL[k]].reshape((-1,) + (1,) * (x.dim() - 1))  # noqa: E731
-    C = x.shape[1]
-    o = o[:, :C].double()
-    x, z = x.double(), z.double()
-    x0_terms = (col("A") * x).abs() + (col("B") * o).abs()
-    sigma = col("SIGMA").abs() if var_sigma is None else var_sigma
-    prev_terms = col("C0").abs() * x0_terms + (col("C1") * x).abs() + (col("C2") * o).abs() + (sigma * z).abs()
-    return x0_terms, prev_terms
+    """(x̂₀ terms, x_{t−1} terms) per element, from the float64 table (tests/_bounds.py)."""
+    return step_terms(table64, t, x, o, z, sigma=var_sigma)
 
 
 def _check(got, want, terms, rtol=1e-6):
-    assert not torch.isnan(got).any(), "NaN in kernel output (an element was not written)"
-    err = (got.double() - want.double()).abs()
-    bound = rtol * (want.double().abs() + terms) + 1e-30
-    worst = (err / bound).max().item()
-    assert worst <= 1.0, f"max error {err.max().item():.3e} is {worst:.2f}x the bound"
+    check(got, want, terms, rtol)
 
 
 @pytest.mark.parametrize("n", [1, 1023, 4097])
@@ -88,8 +74,6 @@ def test_ddpm_matrix(pred, var, clip, n):
                                                   **{**kw, "noise": torch.zeros_like(z)}).prev_sample).abs() \
             / z.double().abs().clamp_min(1e-30)
     x0_terms, prev_terms = _bound(table, t, x, o, z, var_sigma)
-    if clip == "threshold":
-        x0_terms = x0_terms / 1.0       # x̂₀/s with s >= 1 only shrinks the error
     _check(got.pred_original_sample, want.pred_original_sample, x0_terms)
     _check(got.prev_sample, want.prev_sample, prev_terms)
 
@@ -122,20 +106,21 @@ def test_in_kernel_noise_is_the_reference_stream(kind):
     _check(got, want, _bound(table, t, x, o, z)[1])
 
 
-def _kernel_noise(B, N, seed, step, sample_offset=0):
+def _kernel_noise(B, N, seed, step, sample_offset=0, dtype=torch.float32):
     """z straight out of the kernel: a one-row table with only SIGMA = 1 makes x_{t−1} = z."""
     table = torch.zeros(1, tables.NCOL, dtype=torch.float32, device=DEV)
     table[0, tables.COL["SIGMA"]] = 1.0
-    x = torch.zeros(B, N, device=DEV)
+    x = torch.zeros(B, N, device=DEV, dtype=dtype)
     prev = torch.full_like(x, float("nan"))
-    K.launch_reverse_step(x, x, None, None, None, None, table, torch.zeros(B, dtype=torch.int64, device=DEV),
-                          torch.full((B,), step, dtype=torch.int64, device=DEV),
-                          noise.as_seed_tensor(seed, DEV), prev, None, sample_offset,
-                          K.CLIP_NONE, 0, K.NOISE_PHILOX)
+    K.reverse_step(K.StepTensors(x, x, table, torch.zeros(B, dtype=torch.int64, device=DEV), prev,
+                                 step=torch.full((B,), step, dtype=torch.int64, device=DEV),
+                                 seed=noise.as_seed_tensor(seed, DEV)),
+                   sample_offset=sample_offset, noise_mode=K.NOISE_PHILOX)
     return prev
 
 
 def test_kernel_noise_statistics():
+    scipy_stats = pytest.importorskip("scipy.stats")
     z = _kernel_noise(16, 4096, seed=99, step=3).double().cpu()
     assert not torch.isnan(z).any()
     torch.testing.assert_close(z.float(), noise.randn(99, torch.arange(16), 3, 4096), rtol=1e-6, atol=1e-6)
@@ -160,6 +145,23 @@ def test_kernel_noise_independent_of_batch_split_and_tile():
     assert torch.equal(big[:, :37], whole[:2])
 
 
+def test_kernel_noise_in_16_bit_storage_is_the_stream():
+    """16-bit storage builds the noise in the 8-per-thread load layout (two Philox groups per thread): the same
+    stream, rounded once to the storage dtype."""
+    z = _kernel_noise(3, 2500, seed=12, step=9, sample_offset=2, dtype=torch.float16)
+    want = noise.randn(12, torch.arange(2, 5), 9, 2500)
+    torch.testing.assert_close(z.float().cpu(), want.half().float(), rtol=2.0**-10, atol=1e-6)
+
+
+def test_many_sample_groups_split_over_grid_axes(monkeypatch):
+    """More sample groups than a grid axis holds: axes 1 and 2 share them (CUDA's 65535 limit, here made tiny)."""
+    monkeypatch.setattr(K, "_MAX_GRID_YZ", 2)
+    x, o, z, t = _inputs(7, 4097)
+    got = ddpm_step(o, t, x, S, seed=3, backend="triton")
+    want = ddpm_step(o.double(), t, x.double(), S, seed=3, backend="reference")
+    _check(got.prev_sample, want.prev_sample, _bound(tables.ddpm_table(S), t, x, o, noise.noise_like(x, 3, t))[1])
+
+
 def test_int64_indexing_path_matches():
     x, o, z, t = _inputs(3, 1023, "learned_range")
     table = T = tables.device_table(S, ("t-int64",), lambda: tables.ddpm_table(S, "v_prediction", "learned_range",
@@ -168,9 +170,9 @@ def test_int64_indexing_path_matches():
     for force in (False, True):
         prev, x0 = torch.full_like(x, float("nan")), torch.full_like(x, float("nan"))
         C = x.shape[1]
-        K.launch_reverse_step(x, o[:, :C], o[:, C:], None, None, None, table, t, None,
-                              noise.as_seed_tensor(8, DEV), prev, x0, 0, K.CLIP_RANGE, tables.VAR_RANGE,
-                              K.NOISE_PHILOX, force_int64=force)
+        K.reverse_step(K.StepTensors(x, o[:, :C], table, t, prev, var=o[:, C:], seed=noise.as_seed_tensor(8, DEV),
+                                     x0=x0),
+                       clip_mode=K.CLIP_RANGE, var_mode=K.VAR_RANGE, noise_mode=K.NOISE_PHILOX, force_int64=force)
         outs.append((prev, x0))
     assert not torch.isnan(outs[1][0]).any()
     assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
@@ -253,10 +255,10 @@ def test_registered_op_matches_direct_launch():
     table = tables.device_table(S, ("op-test",), lambda: tables.ddpm_table(S, "epsilon", "learned_range", True), DEV)
     seed = noise.as_seed_tensor(3, DEV)
     outs = []
-    for fn in (torch.ops.fastrev.reverse_step, K.launch_reverse_step):
+    for via_op in (True, False):
         prev, x0 = torch.full_like(x, float("nan")), torch.full_like(x, float("nan"))
-        fn(x, o[:, :C], o[:, C:], None, None, None, table, t, None, seed, prev, x0, 5, K.CLIP_RANGE,
-           tables.VAR_RANGE, K.NOISE_PHILOX, False)
+        K.reverse_step(K.StepTensors(x, o[:, :C], table, t, prev, var=o[:, C:], seed=seed, x0=x0), sample_offset=5,
+                       clip_mode=K.CLIP_RANGE, var_mode=K.VAR_RANGE, noise_mode=K.NOISE_PHILOX, via_op=via_op)
         outs.append((prev, x0))
     assert not torch.isnan(outs[0][0]).any() and not torch.isnan(outs[0][1]).any()
     assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
@@ -375,3 +377,13 @@ def test_overlapping_out_is_rejected_like_torch():
     for backend in ("triton", "reference"):
         with pytest.raises(RuntimeError, match="single memory location"):
             ddpm_step(o, t, x, S, noise=z, out=out, backend=backend)
+
+
+def test_kernel_branches_use_named_modes():
+    """The device code branches on the named constants of fastrev.kernels.modes, never on bare numbers."""
+    import inspect
+    import re
+
+    src = inspect.getsource(K._reverse_step_kernel.fn)
+    assert not re.search(r"_MODE\s*[!=]=\s*\d", src)
+    assert tables.VAR_RANGE is K.VAR_RANGE and tables.VAR_MODES["learned"] == K.VAR_LOG
