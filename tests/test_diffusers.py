@@ -121,8 +121,9 @@ def _inputs(seed, variance_type=None, shape=SHAPE):
 
 
 def _ddim_ref_step(ref, prev_t, model_output, t, sample, **kw):
-    """diffusers' own DDIMScheduler.step, with ᾱ_prev read at ``prev_t`` (the schedule's next entry) instead of at its
-    t − N // n (diffusers #12633): the entry it reads is patched for the call. A no-op where the two agree."""
+    """diffusers' own DDIMScheduler.step, with ᾱ_prev read at ``prev_t`` (fastrev_fixes: the schedule's next entry)
+    instead of at its t − N // n (diffusers #12633): the entry it reads is patched for the call. A no-op where the
+    two agree."""
     N, n = ref.config.num_train_timesteps, ref.num_inference_steps
     wrong = int(t) - N // n
     ab, final = ref.alphas_cumprod, ref.final_alpha_cumprod
@@ -178,9 +179,11 @@ def _compare_ddpm(cfg, ref_cfg, n, *, backend="torch", seed=0, steps=None, devic
     return bad
 
 
-def _compare_ddim(cfg, n, *, eta, use_clipped, backend="torch", seed=0, steps=None, device="cpu"):
+def _compare_ddim(cfg, n, *, eta, use_clipped, backend="torch", seed=0, steps=None, device="cpu", fixes=False):
+    """As :func:`_compare_ddpm`; by default against stock diffusers (previous timestep t − N // n), with ``fixes``
+    (fastrev_fixes=True) against diffusers' arithmetic at the next entry of the schedule."""
     ref = DDIMScheduler(**cfg)
-    fast = FastDDIMScheduler(**cfg)
+    fast = FastDDIMScheduler(**cfg, fastrev_fixes=fixes)
     fast.backend = backend
     ref.set_timesteps(n)
     fast.set_timesteps(n)
@@ -191,7 +194,10 @@ def _compare_ddim(cfg, n, *, eta, use_clipped, backend="torch", seed=0, steps=No
     bad = []
     for k, t in enumerate(steps or _pick(ref.timesteps)):
         i = ts.index(int(t))
-        prev_t = ts[i + 1] if i + 1 < len(ts) else -1
+        if fixes:
+            prev_t = ts[i + 1] if i + 1 < len(ts) else -1
+        else:
+            prev_t = max(int(t) - ref.config.num_train_timesteps // n, -1)
         assert fast.previous_timestep(int(t)) == prev_t
         ab = ref.alphas_cumprod[int(t)].double()
         ab_prev = (ref.alphas_cumprod[prev_t] if prev_t >= 0 else ref.final_alpha_cumprod).double()
@@ -242,8 +248,9 @@ DDIM_VARIANTS = ((0.0, True, False), (1.0, False, True), (0.5, True, False))
 @pytest.mark.parametrize("prediction_type", PREDICTIONS)
 @pytest.mark.parametrize("schedule", ["linear", "scaled_linear", "squaredcos_cap_v2", "trained_betas"])
 def test_ddim_parity_matrix(schedule, prediction_type):
-    """Every beta_schedule × prediction_type × clip/threshold × spacing × step count, against diffusers' DDIM step
-    with the schedule's previous timestep (the #12633 fix; identical to stock diffusers for "leading")."""
+    """Every beta_schedule × prediction_type × clip/threshold × spacing × step count against stock diffusers'
+    DDIM step; with fastrev_fixes=True (where it differs: "linspace", "trailing") against diffusers' arithmetic at the
+    schedule's next entry (the #12633 fix)."""
     bad = []
     for clip_name, clip in CLIPS.items():
         for spacing in SPACINGS:
@@ -252,6 +259,8 @@ def test_ddim_parity_matrix(schedule, prediction_type):
                     cfg = dict(SCHEDULES[schedule], prediction_type=prediction_type, timestep_spacing=spacing,
                                set_alpha_to_one=one, **clip)
                     bad += _compare_ddim(cfg, n, eta=eta, use_clipped=use_clipped, seed=n + 10 * j)
+                    if spacing != "leading" and j == 1:
+                        bad += _compare_ddim(cfg, n, eta=eta, use_clipped=use_clipped, seed=n, fixes=True)
     _report(bad)
 
 
@@ -546,10 +555,11 @@ def test_ddim_pipeline_kernel_backend(tiny_unets):
 # ------------------------------------------------------------------------------------------------ being a drop-in
 @pytest.mark.parametrize("fast_cls,stock_cls", [(FastDDPMScheduler, DDPMScheduler), (FastDDIMScheduler, DDIMScheduler)])
 def test_config_signature_is_diffusers(fast_cls, stock_cls):
-    """Same __init__ parameter names, order and defaults; step's parameters start with diffusers' own."""
+    """Same __init__ parameter names, order and defaults, then the one fastrev option (off); step's parameters start
+    with diffusers' own."""
     ours = [(p.name, p.default) for p in inspect.signature(fast_cls.__init__).parameters.values()]
     theirs = [(p.name, p.default) for p in inspect.signature(stock_cls.__init__).parameters.values()]
-    assert ours == theirs
+    assert ours == theirs + [("fastrev_fixes", False)]
     ours = list(inspect.signature(fast_cls.step).parameters)
     theirs = list(inspect.signature(stock_cls.step).parameters)
     assert ours[:len(theirs)] == theirs
@@ -568,7 +578,8 @@ def test_from_config_both_ways(fast_cls, stock_cls, tmp_path):
     def public(c):
         return {k: v for k, v in dict(c).items() if not k.startswith("_")}
 
-    assert public(fast.config) == public(stock.config) == public(back.config)
+    assert public(fast.config) == dict(public(stock.config), fastrev_fixes=False)
+    assert public(back.config) == public(stock.config)
     assert torch.equal(fast.alphas_cumprod, stock.alphas_cumprod)
     fast.save_config(tmp_path)
     again = fast_cls.from_pretrained(tmp_path)
@@ -580,16 +591,41 @@ def test_from_config_both_ways(fast_cls, stock_cls, tmp_path):
     assert "backend" not in fast.config and fast.backend == "auto"
 
 
+@pytest.mark.parametrize("fast_cls,stock_cls", [(FastDDPMScheduler, DDPMScheduler), (FastDDIMScheduler, DDIMScheduler)])
+def test_fastrev_fixes_survives_round_trips(fast_cls, stock_cls, tmp_path, caplog):
+    """The option is a config key: save_config / from_pretrained keep it, and so does a trip through diffusers' own
+    class (which ignores it: a hidden config entry), so a pipeline can swap schedulers back and forth."""
+    fast = fast_cls(fastrev_fixes=True, timestep_spacing="linspace")
+    fast.save_config(tmp_path)
+    again = fast_cls.from_pretrained(tmp_path)
+    assert again.config.fastrev_fixes is True and again._fixes
+    stock = stock_cls.from_config(fast.config)
+    assert type(stock) is stock_cls and stock.config.timestep_spacing == "linspace"
+    back = fast_cls.from_config(stock.config)
+    assert back.config.fastrev_fixes is True
+    # the default: a stock config gives diffusers' semantics, and the default round-trips without a warning
+    assert fast_cls.from_config(stock_cls().config).config.fastrev_fixes is False
+    import logging
+    with caplog.at_level(logging.WARNING):
+        stock_cls.from_config(fast_cls().config)
+    assert "fastrev_fixes" not in caplog.text
+    with pytest.raises(TypeError, match="fastrev_fixes must be a bool"):
+        fast_cls(fastrev_fixes="yes")
+
+
 @pytest.mark.parametrize("spacing,offset", [("leading", 0), ("leading", 1), ("trailing", 0), ("linspace", 0)])
 @pytest.mark.parametrize("n", [1, 7, 50, 1000])
 def test_set_timesteps_matches_diffusers(spacing, offset, n):
+    """Identical timesteps (leading + steps_offset=1 with 1000 steps reaches t = 1000, which diffusers accepts here
+    and fails to step from: so does fastrev)."""
     if offset and n == 1000:
-        # leading + steps_offset=1 with 1000 steps reaches t = 1000: diffusers accepts it and fails later
-        # (alphas_cumprod[1000]); fastrev says so at set_timesteps
-        for fast_cls in (FastDDPMScheduler, FastDDIMScheduler):
-            with pytest.raises(ValueError, match="out-of-range|range"):
-                fast_cls(timestep_spacing=spacing, steps_offset=offset).set_timesteps(n)
-        return
+        fast = FastDDPMScheduler(timestep_spacing=spacing, steps_offset=offset)
+        fast.set_timesteps(n)
+        assert int(fast.timesteps[0]) == 1000
+        x, out = _inputs(0)
+        with pytest.raises(ValueError, match="timestep must be in"):
+            fast.step(out, 1000, x)
+        assert torch.isfinite(fast.step(out, 999, x, generator=torch.Generator()).prev_sample).all()
     for fast_cls, stock_cls in ((FastDDPMScheduler, DDPMScheduler), (FastDDIMScheduler, DDIMScheduler)):
         ref, fast = stock_cls(timestep_spacing=spacing, steps_offset=offset), fast_cls(timestep_spacing=spacing,
                                                                                       steps_offset=offset)
@@ -624,22 +660,51 @@ def test_custom_timesteps_as_diffusers():
         assert _err(b, a) <= TOL
 
 
-def test_ddim_linspace_previous_timestep_is_fixed():
-    """diffusers #12633: DDIM's t − N//n is not the next timestep under "linspace" (and "trailing" with n ∤ N);
-    fastrev uses the next entry of the schedule, so its chain visits exactly the timesteps it was given."""
-    for spacing, n in (("linspace", 10), ("trailing", 7)):
-        fast = FastDDIMScheduler(timestep_spacing=spacing)
+def test_trailing_timesteps_every_n_as_diffusers():
+    """diffusers' "trailing" is a float np.arange: for some n it rounds differently from N − i·N/n (n = 48) or
+    ends with a −1 (n = 61). The default reproduces it for every n; fastrev_fixes gives exactly n points."""
+    ref, fast, fixed = DDIMScheduler(timestep_spacing="trailing"), FastDDIMScheduler(timestep_spacing="trailing"), \
+        FastDDIMScheduler(timestep_spacing="trailing", fastrev_fixes=True)
+    for n in range(1, 1001):
+        ref.set_timesteps(n)
         fast.set_timesteps(n)
+        assert torch.equal(ref.timesteps, fast.timesteps), n
+    for n in (48, 61):
+        fixed.set_timesteps(n)
+        ts = fixed.timesteps
+        assert len(ts) == n and int(ts[-1]) >= 0 and int(ts[0]) == 999
+    fast.set_timesteps(61)
+    x, out = _inputs(1)
+    assert int(fast.timesteps[-1]) == -1
+    with pytest.raises(ValueError, match="timestep must be in"):        # diffusers reads alphas_cumprod[-1]
+        fast.step(out, fast.timesteps[-1], x)
+
+
+def test_ddim_previous_timestep_default_and_fixes():
+    """Default: diffusers' t − N//n for every t and spacing (on the chain and off it); fastrev_fixes=True: the next
+    entry of the schedule (#12633: t − N//n is not the next timestep under "linspace", nor "trailing" with n ∤ N)."""
+    for spacing, n in (("linspace", 10), ("trailing", 7), ("leading", 7)):
+        fast = FastDDIMScheduler(timestep_spacing=spacing)
+        fixed = FastDDIMScheduler(timestep_spacing=spacing, fastrev_fixes=True)
+        fast.set_timesteps(n)
+        fixed.set_timesteps(n)
         ts = fast.timesteps.tolist()
-        assert [fast.previous_timestep(t) for t in ts] == ts[1:] + [-1]
-        assert any(t - 1000 // n != p for t, p in zip(ts, ts[1:] + [-1]) if p >= 0 or t - 1000 // n >= 0)
-    # and it differs from stock diffusers there (the documented deliberate difference)
+        assert [fast.previous_timestep(t) for t in range(1000)] == [max(t - 1000 // n, -1) for t in range(1000)]
+        assert [fixed.previous_timestep(t) for t in ts] == ts[1:] + [-1]
+        differs = any(t - 1000 // n != p for t, p in zip(ts, ts[1:] + [-1]) if p >= 0 or t - 1000 // n >= 0)
+        assert differs == (spacing != "leading")
+        # off the chain with the fixes: to the largest scheduled timestep below
+        assert fixed.previous_timestep(ts[0] - 1) == ts[1]
+    # the default is stock diffusers, and the fix really changes the result there
     ref = DDIMScheduler(timestep_spacing="linspace")
     ref.set_timesteps(10)
-    fast = FastDDIMScheduler(timestep_spacing="linspace")
+    fast, fixed = FastDDIMScheduler(timestep_spacing="linspace"), \
+        FastDDIMScheduler(timestep_spacing="linspace", fastrev_fixes=True)
     fast.set_timesteps(10)
+    fixed.set_timesteps(10)
     x, out = _inputs(1)
-    assert max(_err(fast.step(out, t, x).prev_sample, ref.step(out, t, x).prev_sample) for t in ref.timesteps) > 1e-2
+    assert max(_err(fast.step(out, t, x).prev_sample, ref.step(out, t, x).prev_sample) for t in ref.timesteps) <= TOL
+    assert max(_err(fixed.step(out, t, x).prev_sample, ref.step(out, t, x).prev_sample) for t in ref.timesteps) > 1e-2
 
 
 def test_fixed_large_log_is_finite_where_diffusers_is_nan():
@@ -700,11 +765,10 @@ def test_errors_are_clear():
     with pytest.raises(ValueError, match="set_timesteps"):
         ddim.step(out, 999, x)
     ddim.set_timesteps(10)
-    with pytest.raises(ValueError, match="not one of scheduler.timesteps"):
-        ddim.step(out, 899, x)
     with pytest.raises(ValueError, match="both generator and variance_noise"):
         ddim.step(out, 900, x, eta=1.0, generator=torch.Generator(), variance_noise=torch.zeros_like(x))
-    with pytest.raises(ValueError, match="negative"):
+    with pytest.raises(ValueError, match=r"FastDDIMScheduler\(num_train_timesteps=1000, beta_schedule='linear'.*"
+                       r"timestep 900 \(to 800\).*eta=3.0 makes 1 − ᾱ_prev − σ² negative"):
         ddim.step(out, 900, x, eta=3.0)
     with pytest.raises(ValueError, match="backend"):
         ddim.backend = "cuda"
@@ -712,18 +776,27 @@ def test_errors_are_clear():
     ddpm = FastDDPMScheduler(variance_type="learned_range")
     with pytest.raises(ValueError, match="twice the sample's channels"):
         ddpm.step(out, 500, x)
-    with pytest.raises(ValueError, match="variance_type"):
-        FastDDPMScheduler(variance_type="other")
+    ddpm = FastDDPMScheduler()
+    ddpm.set_timesteps(10)
+    with pytest.raises(ValueError, match="not one of scheduler.timesteps"):    # diffusers: IndexError
+        ddpm.step(out, 899, x)
     with pytest.raises(ValueError, match="timestep must be in"):
         FastDDPMScheduler().step(out, 1000, x)
+    # diffusers checks prediction_type / timestep_spacing at step / set_timesteps: so does fastrev
+    odd = FastDDPMScheduler(prediction_type="noise", timestep_spacing="even")
+    with pytest.raises(ValueError, match="prediction_type given as 'noise' must be one of"):
+        odd.step(out, 10, x)
+    with pytest.raises(ValueError, match="timestep_spacing='even' is not supported"):
+        odd.set_timesteps(10)
 
 
-def test_nonscheduled_device_timestep_gives_nan_rows():
-    """Rows of timesteps outside the chain are NaN: a device timestep that is not scheduled cannot pass silently."""
-    sch = FastDDPMScheduler()
-    sch.set_timesteps(10)
-    tab = sch._table(sch._default_key(), torch.device("cpu"), torch.float64)
-    assert torch.isnan(tab[899]).all() and torch.isfinite(tab[900]).all() and torch.isfinite(tab[0]).all()
+def test_every_table_row_is_a_step():
+    """Every one of the num_train_timesteps rows holds the step diffusers takes from that t (DDIM: to t − N//n; DDPM:
+    to the scheduled timestep below), so any device timestep works without a host sync; no NaN rows."""
+    for sch in (FastDDPMScheduler(), FastDDIMScheduler(timestep_spacing="linspace")):
+        sch.set_timesteps(10)
+        tab = sch._table(sch._default_key(), torch.device("cpu"), torch.float64)
+        assert tab.shape[0] == 1000 and torch.isfinite(tab).all()
 
 
 @pytest.mark.cuda
@@ -757,7 +830,8 @@ def test_device_state_is_rewritten_in_place_by_set_timesteps():
     assert (tab.data_ptr(), seed.data_ptr(), prev.data_ptr()) == ptrs
     assert sch._table(sch._key(1.0, False), dev, torch.float64) is tab
     assert not torch.equal(seed, old_seed)                          # a new chain, a new fast-mode seed
-    assert torch.isnan(tab[900]).all() and torch.isfinite(tab[960]).all() and torch.isfinite(old_row).all()
+    assert not torch.equal(tab[900], old_row)                       # 900 → 860 now, 900 → 800 before
+    assert torch.equal(tab, sch._host_table(sch._key(1.0, False))[0])
     assert int(sch.previous_timestep(torch.tensor(960))) == 920
     ref = DDIMScheduler()
     ref.set_timesteps(25)
