@@ -965,3 +965,153 @@ def test_mixed_dtypes_promote_like_diffusers():
     assert a.pred_original_sample.dtype == b.pred_original_sample.dtype
     # diffusers multiplies the fp16 sample by a 0-dim fp32 coefficient in fp16: agreement to fp16 rounding
     torch.testing.assert_close(b.prev_sample, a.prev_sample, rtol=2e-3, atol=2e-3)
+
+
+# ------------------------------------------------------------------------------------------------ diffusers' semantics
+@pytest.mark.parametrize("spacing", SPACINGS)
+def test_ddim_steps_from_any_timestep(spacing):
+    """DDIM steps from any t in [0, N), scheduled or not (img2img strength, custom loops, inversion), to t − N//n as
+    diffusers does — host ints, CPU tensors, and a [B] tensor of unscheduled timesteps at once."""
+    cfg = dict(timestep_spacing=spacing, prediction_type="v_prediction", set_alpha_to_one=False)
+    ref, fast = DDIMScheduler(**cfg), FastDDIMScheduler(**cfg)
+    ref.set_timesteps(7)
+    fast.set_timesteps(7)
+    ts = [999, 998, 612, 143, 142, 141, 5, 0]
+    x, out = _inputs(21, shape=(len(ts), 3, 4, 4))
+    z = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
+    per_sample = fast.step(out, torch.tensor(ts), x, eta=1.0, variance_noise=z)
+    for i, t in enumerate(ts):
+        a = ref.step(out[i:i + 1], t, x[i:i + 1], eta=1.0, variance_noise=z[i:i + 1])
+        for timestep in (t, torch.tensor(t)):
+            b = fast.step(out[i:i + 1], timestep, x[i:i + 1], eta=1.0, variance_noise=z[i:i + 1])
+            assert _err(b.prev_sample, a.prev_sample) <= TOL and _err(b.pred_original_sample,
+                                                                      a.pred_original_sample) <= TOL, t
+        assert _err(per_sample.prev_sample[i:i + 1], a.prev_sample) <= TOL, t
+
+
+def test_ddpm_steps_as_diffusers_previous_timestep():
+    """DDPM: t → t − 1 from any t before set_timesteps; after it only scheduled timesteps (diffusers raises
+    otherwise), each to the next entry; fastrev_fixes=True also steps an unscheduled t to the scheduled one below."""
+    ref, fast = DDPMScheduler(), FastDDPMScheduler()
+    x, out = _inputs(22)
+    for t in (999, 731, 1, 0):
+        a = ref.step(out, t, x, generator=torch.Generator().manual_seed(t)).prev_sample
+        assert _err(fast.step(out, t, x, generator=torch.Generator().manual_seed(t)).prev_sample, a) <= TOL
+    fixed = FastDDPMScheduler(fastrev_fixes=True)
+    for s in (ref, fast, fixed):
+        s.set_timesteps(timesteps=[900, 611, 333, 2])
+    with pytest.raises(ValueError, match="not one of scheduler.timesteps"):
+        fast.step(out, 612, x)
+    for t in (900, 2):
+        a = ref.step(out, t, x, generator=torch.Generator().manual_seed(t)).prev_sample
+        assert _err(fast.step(out, t, x, generator=torch.Generator().manual_seed(t)).prev_sample, a) <= TOL
+    assert fixed.previous_timestep(899) == 611 and fixed.previous_timestep(1) == -1
+    # an unscheduled t with the fixes: the step from t to 611, i.e. the custom chain [t, 611, ...]
+    ref.set_timesteps(timesteps=[899, 611, 333, 2])
+    g = torch.Generator().manual_seed(3)
+    a = ref.step(out, 899, x, generator=torch.Generator().manual_seed(3)).prev_sample
+    assert _err(fixed.step(out, 899, x, generator=g).prev_sample, a) <= TOL
+
+
+def test_underflowing_schedule_is_finite_wherever_diffusers_is():
+    """beta_start=0.01, beta_end=0.2: diffusers' float32 ᾱ_t is 0 for t ≥ 959. Where diffusers is finite fastrev
+    agrees; where diffusers is NaN (ᾱ_t = ᾱ_prev = 0: α'_t = 0/0) fastrev steps with the float64 product of α; where
+    there is no answer the error names the user's config and the timestep."""
+    cfg = dict(beta_start=0.01, beta_end=0.2)
+    ref, fast = DDPMScheduler(**cfg), FastDDPMScheduler(**cfg)
+    x, out = _inputs(23)
+    nan_in_diffusers = 0
+    for t in (0, 500, 958, 959, 960, 999):
+        a = ref.step(out, t, x, generator=torch.Generator().manual_seed(t)).prev_sample
+        b = fast.step(out, t, x, generator=torch.Generator().manual_seed(t)).prev_sample
+        assert torch.isfinite(b).all(), t
+        if torch.isfinite(a).all():
+            assert t <= 959 and _err(b, a) <= TOL, t
+        else:       # the limit of diffusers' formula: x̂₀'s weight √ᾱ_prev·β'/(1−ᾱ_t) is 0, x's is √α'_t
+            assert t >= 960
+            nan_in_diffusers += 1
+            alpha = float(torch.prod(ref.alphas[t:t + 1].double()))
+            z = torch.randn(SHAPE, generator=torch.Generator().manual_seed(t))
+            assert _err(b, (alpha ** 0.5 * x.double() + (1 - alpha) ** 0.5 * z.double()).float()) <= TOL
+    assert nan_in_diffusers == 2
+    for sch in (ref, fast):
+        sch.set_timesteps(10)                        # 900 → 0: ᾱ_900 > 0; 999 is not scheduled (leading)
+    ddim_ref, ddim = DDIMScheduler(**cfg, timestep_spacing="trailing"), FastDDIMScheduler(**cfg,
+                                                                                         timestep_spacing="trailing")
+    for sch in (ddim_ref, ddim):
+        sch.set_timesteps(50)                        # 999 → 979: both 0 in float32
+    finite_in_diffusers = []
+    for t in (999, 979, 959, 499):
+        a = ddim_ref.step(out, t, x, eta=1.0, generator=torch.Generator().manual_seed(t)).prev_sample
+        b = ddim.step(out, t, x, eta=1.0, generator=torch.Generator().manual_seed(t)).prev_sample
+        assert torch.isfinite(b).all(), t
+        if torch.isfinite(a).all():
+            finite_in_diffusers.append(t)
+            assert _err(b, a) <= TOL, t
+    assert finite_in_diffusers == [959, 499]
+    # no answer: an unclipped ε-prediction x̂₀ = (x − ε)/0 that the step carries (ᾱ_959 = 0, ᾱ_prev > 0)
+    bare = FastDDIMScheduler(**cfg, clip_sample=False, timestep_spacing="trailing")
+    bare.set_timesteps(50)
+    with pytest.raises(ValueError) as info:
+        bare.step(out, 959, x)
+    msg = str(info.value)
+    assert "beta_start=0.01, beta_end=0.2" in msg and "timestep 959" in msg and "clip_sample" in msg
+    assert "betas must be" not in msg
+    # a device-style timestep on that row gets NaN, as diffusers gets NaN/inf (no host sync to check it)
+    assert torch.isnan(bare._host_table(bare._key(0.0, False))[0][959]).all()
+
+
+def test_negative_alphas_cumprod_names_the_config():
+    """trained betas above 1 make ᾱ negative: diffusers' √ᾱ is NaN; the error names the config and the timestep."""
+    sch = FastDDPMScheduler(trained_betas=[0.5, 1.5, 0.5, 0.5], num_train_timesteps=4)
+    x, out = _inputs(24)
+    assert torch.isfinite(sch.step(out, 0, x).prev_sample).all()
+    with pytest.raises(ValueError, match=r"trained_betas=\[\.\.\.\].*timestep 2 \(to 1\).*negative"):
+        sch.step(out, 2, x, generator=torch.Generator())
+
+
+def test_other_variance_type_warns_once_and_computes_as_diffusers():
+    """variance_type values diffusers falls through on: diffusers uses the clamped β̃ (as fixed_small)."""
+    from fastrev import diffusers as fd
+    fd._WARNED_VARIANCE_TYPES.discard(repr("other"))
+    with pytest.warns(UserWarning, match=r"variance_type='other' is not one of \('fixed_small'"):
+        fast = FastDDPMScheduler(variance_type="other")
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        FastDDPMScheduler(variance_type="other")                   # once
+    ref = DDPMScheduler(variance_type="other")
+    for sch in (ref, fast):
+        sch.set_timesteps(10)
+    x, out = _inputs(25)
+    for t in (900, 500, 0):
+        a = ref.step(out, t, x, generator=torch.Generator().manual_seed(t)).prev_sample
+        assert _err(fast.step(out, t, x, generator=torch.Generator().manual_seed(t)).prev_sample, a) <= TOL
+
+
+@pytest.mark.parametrize("cls", [FastDDPMScheduler, FastDDIMScheduler])
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.bool, torch.uint8])
+def test_integer_and_bool_inputs_raise(cls, dtype):
+    """An int or bool sample / model_output is a TypeError naming the argument (as fastrev.ddpm_step); diffusers
+    would compute with it (DDPM: a truncated int64 sample)."""
+    sch = cls()
+    sch.set_timesteps(10)
+    x, out = _inputs(26)
+    with pytest.raises(TypeError, match=r"^sample must be a floating tensor"):
+        sch.step(out, 500, x.to(dtype), generator=torch.Generator())
+    with pytest.raises(TypeError, match=r"^model_output must be a floating tensor"):
+        sch.step(out.to(dtype), 500, x, generator=torch.Generator())
+    with pytest.raises(TypeError, match=r"^sample must be a torch.Tensor"):
+        sch.step(out, 500, x.numpy(), generator=torch.Generator())
+
+
+def test_learned_variance_without_its_channels_at_t0():
+    """diffusers splits the variance channels only when there are 2C; without them its t = 0 step (no noise) is
+    still computed: so is fastrev's; at t > 0 diffusers fails, fastrev says why."""
+    ref, fast = DDPMScheduler(variance_type="learned_range"), FastDDPMScheduler(variance_type="learned_range")
+    x, out = _inputs(27)
+    a = ref.step(out, 0, x)
+    b = fast.step(out, 0, x)
+    assert _err(b.prev_sample, a.prev_sample) <= TOL
+    with pytest.raises(ValueError, match="twice the sample's channels"):
+        fast.step(out, 1, x)
