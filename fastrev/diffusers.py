@@ -273,6 +273,7 @@ class _FastSchedulerBase:
         self.custom_timesteps = False
         self.timesteps = torch.from_numpy(np.arange(0, N)[::-1].copy().astype(np.int64))
         self._device_state: dict = {}       # device tensors that live as long as the scheduler (see _install)
+        self._tables: dict = {}             # (key, device, dtype) → its device_state tensor: one lookup per step
         self._t_cache: dict = {}            # (t, B, device) → int64 [B]: a host timestep's rows, made once
         self._drawn_seed = None
         self._install(np.arange(N, dtype=np.int64) - 1, None)     # before set_timesteps: t → t − 1
@@ -350,7 +351,10 @@ class _FastSchedulerBase:
 
     def _table(self, key: tuple, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         """The table for ``key`` on ``device`` in ``dtype`` (uploaded once, then rewritten in place per chain)."""
-        return self._device_value(("table", key, dtype), device)
+        table = self._tables.get((key, device, dtype))
+        if table is None:
+            table = self._tables[key, device, dtype] = self._device_value(("table", key, dtype), device)
+        return table
 
     def _seed_tensor(self, device: torch.device) -> torch.Tensor:
         """The fast-mode seed as an int64 [1] tensor on ``device`` (no transfer per step): ``noise_seed`` if set, else
@@ -552,7 +556,8 @@ class _FastSchedulerBase:
             if variance_noise is not None:
                 _check_float("variance_noise", variance_noise)
                 try:
-                    z = variance_noise.to(device).expand(sample.shape)
+                    z = variance_noise if variance_noise.shape == sample.shape and variance_noise.device == device \
+                        else variance_noise.to(device).expand(sample.shape)
                 except RuntimeError:
                     raise ValueError(f"variance_noise must have the sample's shape {tuple(sample.shape)} (or "
                                      f"broadcast to it), got {tuple(variance_noise.shape)}") from None

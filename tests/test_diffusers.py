@@ -230,7 +230,7 @@ def test_ddpm_parity_matrix(schedule, variance_type):
     """Every beta_schedule × variance_type × prediction_type × clip/threshold × spacing × step count (torch path)."""
     bad = []
     for prediction_type in PREDICTIONS:
-        for clip_name, clip in CLIPS.items():
+        for clip in CLIPS.values():
             for spacing in SPACINGS:
                 for n in STEP_COUNTS:
                     cfg = dict(SCHEDULES[schedule], variance_type=variance_type, prediction_type=prediction_type,
@@ -252,7 +252,7 @@ def test_ddim_parity_matrix(schedule, prediction_type):
     DDIM step; with fastrev_fixes=True (where it differs: "linspace", "trailing") against diffusers' arithmetic at the
     schedule's next entry (the #12633 fix)."""
     bad = []
-    for clip_name, clip in CLIPS.items():
+    for clip in CLIPS.values():
         for spacing in SPACINGS:
             for n in STEP_COUNTS:
                 for j, (eta, one, use_clipped) in enumerate(DDIM_VARIANTS):
@@ -479,7 +479,7 @@ def test_fast_mode_seeding():
     torch.manual_seed(3)
     b = run()
     c = run()
-    assert all(torch.equal(u, v) for u, v in zip(a, b))
+    assert all(torch.equal(u, v) for u, v in zip(a, b, strict=True))
     assert not torch.equal(a[0], c[0])
     assert all(torch.isfinite(u).all() for u in a)
 
@@ -691,7 +691,8 @@ def test_ddim_previous_timestep_default_and_fixes():
         ts = fast.timesteps.tolist()
         assert [fast.previous_timestep(t) for t in range(1000)] == [max(t - 1000 // n, -1) for t in range(1000)]
         assert [fixed.previous_timestep(t) for t in ts] == ts[1:] + [-1]
-        differs = any(t - 1000 // n != p for t, p in zip(ts, ts[1:] + [-1]) if p >= 0 or t - 1000 // n >= 0)
+        nxt = ts[1:] + [-1]
+        differs = any(t - 1000 // n != p for t, p in zip(ts, nxt, strict=True) if p >= 0 or t - 1000 // n >= 0)
         assert differs == (spacing != "leading")
         # off the chain with the fixes: to the largest scheduled timestep below
         assert fixed.previous_timestep(ts[0] - 1) == ts[1]
