@@ -1167,3 +1167,30 @@ def test_loops_agree_with_diffusers_over_the_grid():
             bad.append(f"{kind} eta={eta} {schedule} {pt} {spacing} {clip_name} n={n}: {err:.2e}")
     assert cells == 3 * 3 * 3 * 2 * (4 + 3 + 3)
     _report(bad)
+
+
+@pytest.mark.cuda
+def test_cuda_generator_draw_rule_default_and_fixes():
+    """A device timestep with a generator: by default DDPM reads t back to skip the t = 0 draw, as diffusers does
+    (same generator state afterwards); with fastrev_fixes=True it makes no host sync (the draw is multiplied by 0)."""
+    dev = torch.device("cuda")
+    x = torch.randn(2, 3, 8, 8, device=dev)
+    out = torch.randn(2, 3, 8, 8, device=dev)
+    ref, fast, fixed = DDPMScheduler(), FastDDPMScheduler(), FastDDPMScheduler(fastrev_fixes=True)
+    for s in (ref, fast, fixed):
+        s.set_timesteps(10, device=dev)
+    g_ref, g_fast = torch.Generator(device=dev).manual_seed(0), torch.Generator(device=dev).manual_seed(0)
+    for t in ref.timesteps:                     # device timesteps, the last one 0
+        a = ref.step(out, t, x, generator=g_ref).prev_sample
+        b = fast.step(out, t, x, generator=g_fast).prev_sample
+        assert _err(b.cpu(), a.cpu()) <= TOL
+    assert torch.equal(g_ref.get_state(), g_fast.get_state())
+    g = torch.Generator(device=dev).manual_seed(0)
+    fixed.step(out, fixed.timesteps[0], x, generator=g)          # warm-up: tables on the device
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for t in fixed.timesteps:
+            fixed.step(out, t, x, generator=g)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
