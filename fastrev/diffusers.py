@@ -44,7 +44,9 @@ and otherwise refuses:
 raises a TypeError naming the argument; diffusers silently computes with it); ``prediction_type`` and
 ``timestep_spacing`` are checked where diffusers checks them (at ``step`` / ``set_timesteps``), with clear messages;
 ``timestep`` may be a [B] tensor (per-sample steps); DDPM's ``step`` takes ``variance_noise``; DDIM's
-``set_timesteps`` takes custom ``timesteps`` (each then steps to the next entry); with neither ``generator`` nor
+``set_timesteps`` takes custom ``timesteps`` (each then steps to the next entry); "learned" / "learned_range"
+without the variance channels computes the noiseless t = 0 step (as diffusers) and raises a ValueError at t > 0
+(diffusers: a TypeError); with neither ``generator`` nor
 ``variance_noise`` the noise is fastrev's counter stream (:mod:`fastrev.noise`, keyed by (seed, sample, timestep) and
 generated inside the fused kernel; seed ``scheduler.noise_seed`` or one draw from torch's default generator per
 ``set_timesteps``), not ``torch.randn`` from the global generator; diffusers' "trailing" spacing gives a final
