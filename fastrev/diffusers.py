@@ -278,6 +278,7 @@ class _FastSchedulerBase:
         self._tables: dict = {}             # (key, device, dtype) → its device_state tensor: one lookup per step
         self._t_cache: dict = {}            # (t, B, device) → int64 [B]: a host timestep's rows, made once
         self._drawn_seed = None
+        self._minus_one_scheduled = False   # diffusers' "trailing" spacing ends with t = −1 for some n
         self._install(np.arange(N, dtype=np.int64) - 1, None)     # before set_timesteps: t → t − 1
 
     def _install(self, prev: np.ndarray, on_chain: np.ndarray | None) -> None:
@@ -288,8 +289,10 @@ class _FastSchedulerBase:
         scheduler's life and are rewritten in place — every table has num_train_timesteps rows whatever the chain —
         so a step captured in a CUDA graph stays valid across ``set_timesteps`` calls."""
         self._prev = prev
-        self._prev_t = torch.from_numpy(prev)
-        self._on_chain = on_chain
+        self._prev_t = torch.from_numpy(np.append(prev, -1))            # [N + 1]: a device t = −1 wraps to −1
+        if on_chain is not None:
+            on_chain = np.append(on_chain, bool(self._minus_one_scheduled))
+        self._on_chain = on_chain                                      # [N + 1]: host index N is t = −1
         self._pairs = None
         self._host_tables: dict = {}
         self._drawn_seed = None
@@ -308,7 +311,9 @@ class _FastSchedulerBase:
         diffusers' step rounds it; where both are 0 in float32 (underflow; diffusers: 0/0 = NaN) the float64 product
         of diffusers' float32 α over (prev, t]."""
         if self._pairs is None:
-            ab, p = self._abar, torch.from_numpy(self._prev)
+            # entry N is timestep −1, which diffusers evaluates at alphas_cumprod[-1], stepping to the end
+            ab = torch.cat([self._abar, self._abar[-1:]])
+            p = torch.from_numpy(np.append(self._prev, -1))
             ab_prev = torch.where(p >= 0, ab[p.clamp_min(0)], self._final)
             alpha = (ab / ab_prev).to(_F64)                                 # the float32 quotient, as diffusers
             both0 = torch.nonzero((ab == 0) & (ab_prev == 0)).reshape(-1).tolist()
@@ -320,13 +325,19 @@ class _FastSchedulerBase:
         return self._pairs
 
     def _host_table(self, key: tuple):
-        """(float64 [N, NCOL] table, int8 numpy [N] reasons) for ``key``: row t is the step from training timestep t
-        to ``previous_timestep(t)``; rows without a finite value (reason ≠ 0) are NaN."""
+        """(float64 [N + 2, NCOL] buffer, int8 numpy [N + 1] reasons) for ``key``.
+
+        Buffer row t + 1 is the step from training timestep t to ``previous_timestep(t)``; rows 0 and N + 1 are both
+        the step from t = −1 (diffusers' "trailing" spacing ends there for some n, and reads alphas_cumprod[-1]).
+        The table a step reads is the view ``buffer[1:]``: a host t = −1 indexes it at N, a device t = −1 reaches
+        row 0 through the kernel's pointer arithmetic and row N + 1 through torch's negative indexing — every
+        timestep diffusers' schedules produce is in bounds without a host sync. Reasons are indexed like the view
+        (t, or N for −1). Rows without a finite value (reason ≠ 0) are NaN."""
         entry = self._host_tables.get(key)
         if entry is None:
             rows, reason = self._build_rows(self._pair_values(), key)
             rows[reason != _OK] = float("nan")
-            entry = self._host_tables[key] = (rows, reason.numpy())
+            entry = self._host_tables[key] = (torch.cat([rows[-1:], rows]), reason.numpy())
         return entry
 
     def _host_value(self, ck: tuple) -> torch.Tensor:
@@ -355,7 +366,7 @@ class _FastSchedulerBase:
         """The table for ``key`` on ``device`` in ``dtype`` (uploaded once, then rewritten in place per chain)."""
         table = self._tables.get((key, device, dtype))
         if table is None:
-            table = self._tables[key, device, dtype] = self._device_value(("table", key, dtype), device)
+            table = self._tables[key, device, dtype] = self._device_value(("table", key, dtype), device)[1:]
         return table
 
     def _seed_tensor(self, device: torch.device) -> torch.Tensor:
@@ -397,7 +408,8 @@ class _FastSchedulerBase:
         return f"{type(self).__name__}({', '.join(parts)})"
 
     def _no_answer(self, t: int, code: int, key: tuple) -> ValueError:
-        p = int(self._prev[t])
+        p = int(self._prev[t]) if t < self._N else -1
+        t = t if t < self._N else -1
         where = f"the step from timestep {t} (to {p if p >= 0 else 'the end'})"
         if code == _NEG_ALPHA:
             why = (f"this schedule's alphas_cumprod is negative there (a beta above 1: betas reach "
@@ -420,12 +432,13 @@ class _FastSchedulerBase:
         answer."""
         if isinstance(host, int):
             if self._on_chain is not None and not self._on_chain[host]:
-                raise self._not_scheduled(host)
+                raise self._not_scheduled(host if host < self._N else -1)
             if reason[host]:
                 raise self._no_answer(host, int(reason[host]), key)
             return
         if self._on_chain is not None and not self._on_chain[host].all():
-            raise self._not_scheduled(int(host[~self._on_chain[host]][0]))
+            t = int(host[~self._on_chain[host]][0])
+            raise self._not_scheduled(t if t < self._N else -1)
         bad = reason[host]
         if bad.any():
             i = int(np.flatnonzero(bad)[0])
@@ -487,6 +500,7 @@ class _FastSchedulerBase:
             desc = self._spaced(num_inference_steps)
             self.num_inference_steps = int(num_inference_steps)
             self.custom_timesteps = False
+        self._minus_one_scheduled = bool((desc == -1).any())
         self._install(*self._prev_rule(desc))
         self.timesteps = torch.from_numpy(desc.copy()).to(device)
         if device is not None:
@@ -497,7 +511,7 @@ class _FastSchedulerBase:
         device (a device gather, no sync)."""
         if isinstance(timestep, torch.Tensor):
             return self._device_value(("prev_t",), timestep.device)[timestep.long()]
-        return int(self._prev[int(timestep)])
+        return int(self._prev_t[int(timestep)])
 
     # -------------------------------------------------------------------- the step
     def _resolve_t(self, timestep, B: int, device: torch.device):
@@ -507,7 +521,9 @@ class _FastSchedulerBase:
         if isinstance(timestep, (int, np.integer)) and not isinstance(timestep, bool):
             t = int(timestep)
             if not 0 <= t < N:
-                raise ValueError(f"timestep must be in [0, {N}), got {t}")
+                if t != -1 or self._fixes:
+                    raise ValueError(f"timestep must be in [0, {N}), got {t}")
+                t = N                            # diffusers' t = −1 (alphas_cumprod[-1]): the table's row N
             ck = (t, B, device)
             rows = self._t_cache.get(ck)
             if rows is None:
@@ -520,10 +536,16 @@ class _FastSchedulerBase:
         if timestep.device.type == "cpu" and timestep.numel() == 1 and timestep.dim() <= 1 and \
                 not (timestep.dtype.is_floating_point or timestep.dtype.is_complex or timestep.dtype == torch.bool):
             return self._resolve_t(int(timestep), B, device)
+        if timestep.device.type == "cpu" and not self._fixes and bool((timestep == -1).any()):
+            timestep = torch.where(timestep == -1, N, timestep)         # diffusers' t = −1: the table's row N
+            N += 1
         rows = _ops.resolve_timestep(timestep, B, N, device)        # dtype, shape and (host) range checks
         if timestep.device.type == "cpu":
             return rows, timestep.reshape(-1).expand(B).numpy().astype(np.int64)
-        return rows, (rows.cpu().numpy() if _ops._CHECK_DEVICE_TIMESTEPS else None)
+        if _ops._CHECK_DEVICE_TIMESTEPS:
+            host = rows.cpu().numpy()
+            return rows, np.where(host == -1, N, host) if not self._fixes else host
+        return rows, None
 
     def _run_step(self, model_output, timestep, sample, *, key, var_mode, learned, stochastic, generator,
                   variance_noise, ddpm_draw_rule):
@@ -565,8 +587,9 @@ class _FastSchedulerBase:
                                      f"broadcast to it), got {tuple(variance_noise.shape)}") from None
             elif generator is not None:
                 if ddpm_draw_rule:               # diffusers draws iff t > 0 (a host read of a device t, as diffusers)
-                    if host is not None:
-                        stochastic = bool(host > 0) if isinstance(host, int) else bool((host > 0).any())
+                    if host is not None:                 # (host index N is t = −1: no draw, as diffusers)
+                        N = self._N
+                        stochastic = 0 < host < N if isinstance(host, int) else bool(((host > 0) & (host < N)).any())
                     elif not self._fixes and timestep.numel() == 1:
                         stochastic = bool(timestep.reshape(()) > 0)
                 if stochastic:
@@ -661,7 +684,7 @@ class FastDDPMScheduler(_FastSchedulerBase, SchedulerMixin, ConfigMixin):
 
     def _build_rows(self, p: _Pairs, key):
         _, pt, vt, clip, rng = key
-        return ddpm_rows(p, torch.arange(self._N), pt, vt, clip, rng)
+        return ddpm_rows(p, torch.cat([torch.arange(self._N), torch.tensor([-1])]), pt, vt, clip, rng)
 
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, generator=None,
              return_dict: bool = True, *, variance_noise: torch.Tensor | None = None):

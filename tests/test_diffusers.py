@@ -681,11 +681,40 @@ def test_trailing_timesteps_every_n_as_diffusers():
         fixed.set_timesteps(n)
         ts = fixed.timesteps
         assert len(ts) == n and int(ts[-1]) >= 0 and int(ts[0]) == 999
-    fast.set_timesteps(61)
-    x, out = _inputs(1)
-    assert int(fast.timesteps[-1]) == -1
-    with pytest.raises(ValueError, match="timestep must be in"):        # diffusers reads alphas_cumprod[-1]
-        fast.step(out, fast.timesteps[-1], x)
+
+
+
+@pytest.mark.parametrize("kind", ["ddpm", "ddim"])
+def test_trailing_minus_one_timestep_as_diffusers(kind):
+    """For n = 61 diffusers' "trailing" timesteps end with −1, where it reads alphas_cumprod[-1] (and DDPM adds no
+    noise): the default reproduces that step (host int, CPU tensor, [B] tensor, and whole loops); fastrev_fixes has
+    no −1 and refuses one."""
+    cfg = dict(timestep_spacing="trailing")
+    ref, fast = (DDPMScheduler(**cfg), FastDDPMScheduler(**cfg)) if kind == "ddpm" else \
+        (DDIMScheduler(**cfg), FastDDIMScheduler(**cfg))
+    kw = {} if kind == "ddpm" else dict(eta=1.0)
+    for s in (ref, fast):
+        s.set_timesteps(61)
+    assert int(fast.timesteps[-1]) == -1 and fast.previous_timestep(-1) == -1
+    x, out = _inputs(31)
+    g_ref, g_fast = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
+    a = ref.step(out, -1, x, generator=g_ref, **kw)
+    for t in (-1, torch.tensor(-1)):
+        b = fast.step(out, t, x, generator=g_fast, **kw)
+        assert _err(b.prev_sample, a.prev_sample) <= TOL and _err(b.pred_original_sample,
+                                                                  a.pred_original_sample) <= TOL
+        g_fast.set_state(torch.Generator().manual_seed(0).get_state())
+    assert torch.equal(g_ref.get_state(), torch.Generator().manual_seed(0).get_state()) == (kind == "ddpm")
+    z = torch.randn(SHAPE)
+    both = fast.step(out, torch.tensor([-1, int(fast.timesteps[-2])]), x, variance_noise=z).prev_sample
+    one = fast.step(out[:1], -1, x[:1], variance_noise=z[:1]).prev_sample
+    assert _err(both[:1], one) <= 1e-6
+    assert _err(_loop(fast, 61, kw.get("eta"), 5), _loop(ref, 61, kw.get("eta"), 5)) <= 1e-4
+    fixed = type(fast)(**cfg, fastrev_fixes=True)
+    fixed.set_timesteps(61)
+    assert int(fixed.timesteps[-1]) >= 0
+    with pytest.raises(ValueError, match="timestep must be in"):
+        fixed.step(out, -1, x, **kw)
 
 
 def test_ddim_previous_timestep_default_and_fixes():
@@ -805,7 +834,7 @@ def test_every_table_row_is_a_step():
     for sch in (FastDDPMScheduler(), FastDDIMScheduler(timestep_spacing="linspace")):
         sch.set_timesteps(10)
         tab = sch._table(sch._default_key(), torch.device("cpu"), torch.float64)
-        assert tab.shape[0] == 1000 and torch.isfinite(tab).all()
+        assert tab.shape[0] == 1001 and torch.isfinite(tab).all()           # row 1000: diffusers' t = −1
 
 
 @pytest.mark.cuda
@@ -840,7 +869,7 @@ def test_device_state_is_rewritten_in_place_by_set_timesteps():
     assert sch._table(sch._key(1.0, False), dev, torch.float64) is tab
     assert not torch.equal(seed, old_seed)                          # a new chain, a new fast-mode seed
     assert not torch.equal(tab[900], old_row)                       # 900 → 860 now, 900 → 800 before
-    assert torch.equal(tab, sch._host_table(sch._key(1.0, False))[0])
+    assert torch.equal(tab, sch._host_table(sch._key(1.0, False))[0][1:])
     assert int(sch.previous_timestep(torch.tensor(960))) == 920
     ref = DDIMScheduler()
     ref.set_timesteps(25)
@@ -1067,7 +1096,7 @@ def test_underflowing_schedule_is_finite_wherever_diffusers_is():
     assert "beta_start=0.01, beta_end=0.2" in msg and "timestep 959" in msg and "clip_sample" in msg
     assert "betas must be" not in msg
     # a device-style timestep on that row gets NaN, as diffusers gets NaN/inf (no host sync to check it)
-    assert torch.isnan(bare._host_table(bare._key(0.0, False))[0][959]).all()
+    assert torch.isnan(bare._table(bare._key(0.0, False), torch.device("cpu"), torch.float64)[959]).all()
 
 
 def test_negative_alphas_cumprod_names_the_config():
@@ -1194,3 +1223,28 @@ def test_cuda_generator_draw_rule_default_and_fixes():
             fixed.step(out, t, x, generator=g)
     finally:
         torch.cuda.set_sync_debug_mode(0)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("kind", ["ddpm", "ddim"])
+def test_cuda_trailing_minus_one_device_timestep(kind):
+    """A device t = −1 (diffusers' "trailing" n = 61) reads the table's t = −1 row through the kernel's pointer
+    arithmetic (one row before the view) and through torch's negative indexing: in bounds, diffusers' values."""
+    dev = torch.device("cuda")
+    cfg = dict(timestep_spacing="trailing", thresholding=kind == "ddim")
+    ref, fast = (DDPMScheduler(**cfg), FastDDPMScheduler(**cfg)) if kind == "ddpm" else \
+        (DDIMScheduler(**cfg), FastDDIMScheduler(**cfg))
+    kw = {} if kind == "ddpm" else dict(eta=1.0)
+    for s in (ref, fast):
+        s.set_timesteps(61, device=dev)
+    x, out = (v.to(dev) for v in _inputs(32))
+    z = torch.randn(x.shape, device=dev)
+    t = ref.timesteps[-1]
+    assert int(t) == -1
+    if kind == "ddpm":
+        a = ref.step(out, t, x).prev_sample
+        b = fast.step(out, t, x, variance_noise=z).prev_sample
+    else:
+        a = ref.step(out, t, x, variance_noise=z, **kw).prev_sample
+        b = fast.step(out, t, x, variance_noise=z, **kw).prev_sample
+    assert _err(b.cpu(), a.cpu()) <= TOL
