@@ -18,7 +18,9 @@ generator consumption). That includes:
     loops); DDPM steps to ``previous_timestep(t)`` — t − 1 before ``set_timesteps``, the next entry of ``timesteps``
     after it (a timestep that is not in ``timesteps`` raises, as in diffusers);
   * ``timesteps`` equal to diffusers' (its ``np.arange`` for "trailing", a "leading" ``steps_offset`` that reaches
-    past N accepted at ``set_timesteps`` as diffusers accepts it);
+    past N accepted at ``set_timesteps`` as diffusers accepts it); the final timestep −1 that diffusers' "trailing"
+    spacing gives for some n (61, 103, 121, …) steps as diffusers steps it, from ``alphas_cumprod[-1]`` to the end
+    (DDPM: no noise), also as a device timestep;
   * ``variance_type`` values diffusers falls through on (e.g. ``"other"``): a warning (once per value) names the
     known ones and the step computes what diffusers computes, the clamped posterior variance β̃;
   * schedules whose float32 ᾱ underflows to 0 (e.g. ``beta_start=0.01, beta_end=0.2``: ᾱ_t = 0 for t ≥ 959) or
@@ -49,8 +51,7 @@ without the variance channels computes the noiseless t = 0 step (as diffusers) a
 (diffusers: a TypeError); with neither ``generator`` nor
 ``variance_noise`` the noise is fastrev's counter stream (:mod:`fastrev.noise`, keyed by (seed, sample, timestep) and
 generated inside the fused kernel; seed ``scheduler.noise_seed`` or one draw from torch's default generator per
-``set_timesteps``), not ``torch.randn`` from the global generator; diffusers' "trailing" spacing gives a final
-timestep −1 for some n (61, 103, 121, …; it then reads ``alphas_cumprod[-1]``): that step raises here.
+``set_timesteps``), not ``torch.randn`` from the global generator.
 
 **fastrev_fixes=True** (a config key: saved, loaded, and kept through diffusers' classes) turns on fastrev's
 improvements that change a finite diffusers result:
@@ -58,7 +59,8 @@ improvements that change a finite diffusers result:
     "linspace" (diffusers #12633) and for "trailing" when n does not divide N (its last step lands on ᾱ_0 instead of
     ``final_alpha_cumprod``); off the chain, to the largest scheduled timestep below t;
   * DDPM accepts a timestep that is not in ``timesteps`` and steps it to the largest scheduled timestep below it;
-  * "trailing" ``timesteps`` are exactly n points N − 1 − round(i·N/n) (never a −1, no float ``arange`` drift);
+  * "trailing" ``timesteps`` are exactly n points N − 1 − round(i·N/n) (never a −1, no float ``arange`` drift),
+    and a timestep −1 raises;
   * with a generator and a device timestep, DDPM draws its noise without reading the timestep back (no host sync,
     capturable); the draw at t = 0 is multiplied by 0, only the generator's state afterwards differs.
 
