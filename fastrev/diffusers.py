@@ -538,16 +538,17 @@ class _FastSchedulerBase:
         if timestep.device.type == "cpu" and timestep.numel() == 1 and timestep.dim() <= 1 and \
                 not (timestep.dtype.is_floating_point or timestep.dtype.is_complex or timestep.dtype == torch.bool):
             return self._resolve_t(int(timestep), B, device)
-        if timestep.device.type == "cpu" and not self._fixes and bool((timestep == -1).any()):
-            timestep = torch.where(timestep == -1, N, timestep)         # diffusers' t = −1: the table's row N
-            N += 1
-        rows = _ops.resolve_timestep(timestep, B, N, device)        # dtype, shape and (host) range checks
         if timestep.device.type == "cpu":
+            if not self._fixes and bool((timestep == -1).any()):
+                timestep = torch.where(timestep == -1, N, timestep)     # diffusers' t = −1: the table's row N
+                N += 1
+            rows = _ops.resolve_timestep(timestep, B, N, device)    # dtype, shape and range checks
             return rows, timestep.reshape(-1).expand(B).numpy().astype(np.int64)
-        if _ops._CHECK_DEVICE_TIMESTEPS:
-            host = rows.cpu().numpy()
-            return rows, np.where(host == -1, N, host) if not self._fixes else host
-        return rows, None
+        if not _ops._CHECK_DEVICE_TIMESTEPS:
+            return _ops.resolve_timestep(timestep, B, N, device), None    # dtype and shape checks, no sync
+        # opt-in device checks (fastrev.set_device_checks): read the timesteps back, check them as host ones
+        _, host = self._resolve_t(timestep.cpu(), B, torch.device("cpu"))
+        return timestep.to(device=device, dtype=torch.int64).reshape(-1).expand(B).contiguous(), host
 
     def _run_step(self, model_output, timestep, sample, *, key, var_mode, learned, stochastic, generator,
                   variance_noise, ddpm_draw_rule):
