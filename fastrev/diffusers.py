@@ -130,8 +130,6 @@ _WARNED_VARIANCE_TYPES: set = set()
 # why a table row has no finite value (for the error of a host timestep that lands on it)
 _OK, _NEG_ALPHA, _EPS_INF, _ETA, _NONFINITE = 0, 1, 2, 3, 4
 
-_check_in = _ops._check_choice
-
 
 def _check_float(name: str, x) -> None:
     """TypeError naming ``name`` unless ``x`` is a floating tensor (what fastrev.ddpm_step requires too)."""
