@@ -48,10 +48,10 @@ raises a TypeError naming the argument; diffusers silently computes with it); ``
 ``timestep`` may be a [B] tensor (per-sample steps); DDPM's ``step`` takes ``variance_noise``; DDIM's
 ``set_timesteps`` takes custom ``timesteps`` (each then steps to the next entry); "learned" / "learned_range"
 without the variance channels computes the noiseless t = 0 step (as diffusers) and raises a ValueError at t > 0
-(diffusers: a TypeError); with neither ``generator`` nor
-``variance_noise`` the noise is fastrev's counter stream (:mod:`fastrev.noise`, keyed by (seed, sample, timestep) and
-generated inside the fused kernel; seed ``scheduler.noise_seed`` or one draw from torch's default generator per
-``set_timesteps``), not ``torch.randn`` from the global generator.
+(diffusers: a TypeError); with neither ``generator`` nor ``variance_noise`` the noise is fastrev's counter stream
+(:mod:`fastrev.noise`, keyed by (seed, sample, timestep) and generated inside the fused kernel; seed
+``scheduler.noise_seed`` or one draw from torch's default generator per ``set_timesteps``), not ``torch.randn`` from
+the global generator.
 
 **fastrev_fixes=True** (a config key: saved, loaded, and kept through diffusers' classes) turns on fastrev's
 improvements that change a finite diffusers result:
@@ -69,8 +69,9 @@ float32 ᾱ (with its float32 α'_t = ᾱ_t/ᾱ_prev, the one rounding of diffus
 noise) and indexed by the training timestep: ``num_train_timesteps`` rows, row t holding the step diffusers takes from
 t (see :mod:`fastrev.tables` for the update). ``step`` gathers each sample's row by its timestep on the device: no
 ``.item()``, no ``nonzero()``, no Python branch on a device value, so a step can be captured in a CUDA graph, and any
-timestep works without a host sync. Validation and table building stay on the host. The table is float32 for every
-backend except ``"reference"`` (float64).
+timestep works without a host sync (one exception, as in diffusers: by default DDPM with a generator reads a device
+timestep back to skip its draw at t = 0). Validation and table building stay on the host. The table is float32 for
+every backend except ``"reference"`` (float64; the backend name :func:`fastrev.ops.resolve_backend` returns decides).
 
 Backends (``scheduler.backend``, an attribute, not part of the config): ``"auto"`` (the fused Triton kernel on
 CUDA, the eager torch update of the same table elsewhere), ``"triton"``, ``"torch"``, ``"reference"`` (float64
