@@ -816,8 +816,10 @@ class FastDDIMScheduler(_FastSchedulerBase, SchedulerMixin, ConfigMixin):
         if self.num_inference_steps is None:
             raise ValueError("Number of inference steps is 'None', you need to run 'set_timesteps' after creating "
                              "the scheduler")
+        if isinstance(eta, torch.Tensor) and eta.numel() == 1 and eta.dtype.is_floating_point:
+            eta = float(eta)                      # diffusers takes a tensor η too (and branches on it: a host read)
         if isinstance(eta, bool) or not isinstance(eta, (int, float)):
-            raise TypeError(f"eta must be a Python number, got {type(eta).__name__}")
+            raise TypeError(f"eta must be a number (or a one-element floating tensor), got {type(eta).__name__}")
         if not math.isfinite(eta):
             raise ValueError(f"eta must be finite, got {eta}")
         prev, x0 = self._run_step(model_output, timestep, sample, key=self._key(eta, use_clipped_model_output),

@@ -1143,6 +1143,19 @@ def test_integer_and_bool_inputs_raise(cls, dtype):
         sch.step(out, 500, x.numpy(), generator=torch.Generator())
 
 
+def test_ddim_eta_as_a_tensor():
+    """diffusers' DDIM takes η as a tensor too (its `if eta > 0` reads it): so does fastrev."""
+    ref, fast = DDIMScheduler(), FastDDIMScheduler()
+    for s in (ref, fast):
+        s.set_timesteps(10)
+    x, out = _inputs(28)
+    z = torch.randn(SHAPE)
+    a = ref.step(out, 500, x, eta=torch.tensor(0.5), variance_noise=z).prev_sample
+    assert _err(fast.step(out, 500, x, eta=torch.tensor(0.5), variance_noise=z).prev_sample, a) <= TOL
+    with pytest.raises(TypeError, match="eta must be a number"):
+        fast.step(out, 500, x, eta="0.5")
+
+
 def test_learned_variance_without_its_channels_at_t0():
     """diffusers splits the variance channels only when there are 2C; without them its t = 0 step (no noise) is
     still computed: so is fastrev's; at t > 0 diffusers fails, fastrev says why."""
