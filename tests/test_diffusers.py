@@ -121,8 +121,9 @@ def _inputs(seed, variance_type=None, shape=SHAPE):
 
 
 def _ddim_ref_step(ref, prev_t, model_output, t, sample, **kw):
-    """diffusers' own DDIMScheduler.step, with ᾱ_prev read at ``prev_t`` (the schedule's next entry) instead of at its
-    t − N // n (diffusers #12633): the entry it reads is patched for the call. A no-op where the two agree."""
+    """diffusers' own DDIMScheduler.step, with ᾱ_prev read at ``prev_t`` (fastrev_fixes: the schedule's next entry)
+    instead of at its t − N // n (diffusers #12633): the entry it reads is patched for the call. A no-op where the
+    two agree."""
     N, n = ref.config.num_train_timesteps, ref.num_inference_steps
     wrong = int(t) - N // n
     ab, final = ref.alphas_cumprod, ref.final_alpha_cumprod
@@ -178,9 +179,11 @@ def _compare_ddpm(cfg, ref_cfg, n, *, backend="torch", seed=0, steps=None, devic
     return bad
 
 
-def _compare_ddim(cfg, n, *, eta, use_clipped, backend="torch", seed=0, steps=None, device="cpu"):
+def _compare_ddim(cfg, n, *, eta, use_clipped, backend="torch", seed=0, steps=None, device="cpu", fixes=False):
+    """As :func:`_compare_ddpm`; by default against stock diffusers (previous timestep t − N // n), with ``fixes``
+    (fastrev_fixes=True) against diffusers' arithmetic at the next entry of the schedule."""
     ref = DDIMScheduler(**cfg)
-    fast = FastDDIMScheduler(**cfg)
+    fast = FastDDIMScheduler(**cfg, fastrev_fixes=fixes)
     fast.backend = backend
     ref.set_timesteps(n)
     fast.set_timesteps(n)
@@ -191,7 +194,10 @@ def _compare_ddim(cfg, n, *, eta, use_clipped, backend="torch", seed=0, steps=No
     bad = []
     for k, t in enumerate(steps or _pick(ref.timesteps)):
         i = ts.index(int(t))
-        prev_t = ts[i + 1] if i + 1 < len(ts) else -1
+        if fixes:
+            prev_t = ts[i + 1] if i + 1 < len(ts) else -1
+        else:
+            prev_t = max(int(t) - ref.config.num_train_timesteps // n, -1)
         assert fast.previous_timestep(int(t)) == prev_t
         ab = ref.alphas_cumprod[int(t)].double()
         ab_prev = (ref.alphas_cumprod[prev_t] if prev_t >= 0 else ref.final_alpha_cumprod).double()
@@ -224,7 +230,7 @@ def test_ddpm_parity_matrix(schedule, variance_type):
     """Every beta_schedule × variance_type × prediction_type × clip/threshold × spacing × step count (torch path)."""
     bad = []
     for prediction_type in PREDICTIONS:
-        for clip_name, clip in CLIPS.items():
+        for clip in CLIPS.values():
             for spacing in SPACINGS:
                 for n in STEP_COUNTS:
                     cfg = dict(SCHEDULES[schedule], variance_type=variance_type, prediction_type=prediction_type,
@@ -242,16 +248,19 @@ DDIM_VARIANTS = ((0.0, True, False), (1.0, False, True), (0.5, True, False))
 @pytest.mark.parametrize("prediction_type", PREDICTIONS)
 @pytest.mark.parametrize("schedule", ["linear", "scaled_linear", "squaredcos_cap_v2", "trained_betas"])
 def test_ddim_parity_matrix(schedule, prediction_type):
-    """Every beta_schedule × prediction_type × clip/threshold × spacing × step count, against diffusers' DDIM step
-    with the schedule's previous timestep (the #12633 fix; identical to stock diffusers for "leading")."""
+    """Every beta_schedule × prediction_type × clip/threshold × spacing × step count against stock diffusers'
+    DDIM step; with fastrev_fixes=True (where it differs: "linspace", "trailing") against diffusers' arithmetic at the
+    schedule's next entry (the #12633 fix)."""
     bad = []
-    for clip_name, clip in CLIPS.items():
+    for clip in CLIPS.values():
         for spacing in SPACINGS:
             for n in STEP_COUNTS:
                 for j, (eta, one, use_clipped) in enumerate(DDIM_VARIANTS):
                     cfg = dict(SCHEDULES[schedule], prediction_type=prediction_type, timestep_spacing=spacing,
                                set_alpha_to_one=one, **clip)
                     bad += _compare_ddim(cfg, n, eta=eta, use_clipped=use_clipped, seed=n + 10 * j)
+                    if spacing != "leading" and j == 1:
+                        bad += _compare_ddim(cfg, n, eta=eta, use_clipped=use_clipped, seed=n, fixes=True)
     _report(bad)
 
 
@@ -470,7 +479,7 @@ def test_fast_mode_seeding():
     torch.manual_seed(3)
     b = run()
     c = run()
-    assert all(torch.equal(u, v) for u, v in zip(a, b))
+    assert all(torch.equal(u, v) for u, v in zip(a, b, strict=True))
     assert not torch.equal(a[0], c[0])
     assert all(torch.isfinite(u).all() for u in a)
 
@@ -546,10 +555,11 @@ def test_ddim_pipeline_kernel_backend(tiny_unets):
 # ------------------------------------------------------------------------------------------------ being a drop-in
 @pytest.mark.parametrize("fast_cls,stock_cls", [(FastDDPMScheduler, DDPMScheduler), (FastDDIMScheduler, DDIMScheduler)])
 def test_config_signature_is_diffusers(fast_cls, stock_cls):
-    """Same __init__ parameter names, order and defaults; step's parameters start with diffusers' own."""
+    """Same __init__ parameter names, order and defaults, then the one fastrev option (off); step's parameters start
+    with diffusers' own."""
     ours = [(p.name, p.default) for p in inspect.signature(fast_cls.__init__).parameters.values()]
     theirs = [(p.name, p.default) for p in inspect.signature(stock_cls.__init__).parameters.values()]
-    assert ours == theirs
+    assert ours == theirs + [("fastrev_fixes", False)]
     ours = list(inspect.signature(fast_cls.step).parameters)
     theirs = list(inspect.signature(stock_cls.step).parameters)
     assert ours[:len(theirs)] == theirs
@@ -568,7 +578,8 @@ def test_from_config_both_ways(fast_cls, stock_cls, tmp_path):
     def public(c):
         return {k: v for k, v in dict(c).items() if not k.startswith("_")}
 
-    assert public(fast.config) == public(stock.config) == public(back.config)
+    assert public(fast.config) == dict(public(stock.config), fastrev_fixes=False)
+    assert public(back.config) == public(stock.config)
     assert torch.equal(fast.alphas_cumprod, stock.alphas_cumprod)
     fast.save_config(tmp_path)
     again = fast_cls.from_pretrained(tmp_path)
@@ -580,16 +591,49 @@ def test_from_config_both_ways(fast_cls, stock_cls, tmp_path):
     assert "backend" not in fast.config and fast.backend == "auto"
 
 
+@pytest.mark.parametrize("fast_cls,stock_cls", [(FastDDPMScheduler, DDPMScheduler), (FastDDIMScheduler, DDIMScheduler)])
+def test_fastrev_fixes_survives_round_trips(fast_cls, stock_cls, tmp_path):
+    """The option is a config key: save_config / from_pretrained keep it, and so does a trip through diffusers' own
+    class (which ignores it: a hidden config entry), so a pipeline can swap schedulers back and forth."""
+    fast = fast_cls(fastrev_fixes=True, timestep_spacing="linspace")
+    fast.save_config(tmp_path)
+    again = fast_cls.from_pretrained(tmp_path)
+    assert again.config.fastrev_fixes is True and again._fixes
+    stock = stock_cls.from_config(fast.config)
+    assert type(stock) is stock_cls and stock.config.timestep_spacing == "linspace"
+    back = fast_cls.from_config(stock.config)
+    assert back.config.fastrev_fixes is True
+    # the default: a stock config gives diffusers' semantics, and the default round-trips without a warning
+    assert fast_cls.from_config(stock_cls().config).config.fastrev_fixes is False
+    import io
+    import logging
+    seen = io.StringIO()
+    handler = logging.StreamHandler(seen)
+    logging.getLogger("diffusers").addHandler(handler)            # diffusers' logger does not propagate
+    try:
+        stock_cls.from_config(fast_cls().config)
+        assert "fastrev_fixes" not in seen.getvalue()
+        stock_cls.from_config(fast_cls(fastrev_fixes=True).config)   # diffusers says it ignores it: right
+        assert "fastrev_fixes" in seen.getvalue()
+    finally:
+        logging.getLogger("diffusers").removeHandler(handler)
+    with pytest.raises(TypeError, match="fastrev_fixes must be a bool"):
+        fast_cls(fastrev_fixes="yes")
+
+
 @pytest.mark.parametrize("spacing,offset", [("leading", 0), ("leading", 1), ("trailing", 0), ("linspace", 0)])
 @pytest.mark.parametrize("n", [1, 7, 50, 1000])
 def test_set_timesteps_matches_diffusers(spacing, offset, n):
+    """Identical timesteps (leading + steps_offset=1 with 1000 steps reaches t = 1000, which diffusers accepts here
+    and fails to step from: so does fastrev)."""
     if offset and n == 1000:
-        # leading + steps_offset=1 with 1000 steps reaches t = 1000: diffusers accepts it and fails later
-        # (alphas_cumprod[1000]); fastrev says so at set_timesteps
-        for fast_cls in (FastDDPMScheduler, FastDDIMScheduler):
-            with pytest.raises(ValueError, match="out-of-range|range"):
-                fast_cls(timestep_spacing=spacing, steps_offset=offset).set_timesteps(n)
-        return
+        fast = FastDDPMScheduler(timestep_spacing=spacing, steps_offset=offset)
+        fast.set_timesteps(n)
+        assert int(fast.timesteps[0]) == 1000
+        x, out = _inputs(0)
+        with pytest.raises(ValueError, match="timestep must be in"):
+            fast.step(out, 1000, x)
+        assert torch.isfinite(fast.step(out, 999, x, generator=torch.Generator()).prev_sample).all()
     for fast_cls, stock_cls in ((FastDDPMScheduler, DDPMScheduler), (FastDDIMScheduler, DDIMScheduler)):
         ref, fast = stock_cls(timestep_spacing=spacing, steps_offset=offset), fast_cls(timestep_spacing=spacing,
                                                                                       steps_offset=offset)
@@ -624,22 +668,81 @@ def test_custom_timesteps_as_diffusers():
         assert _err(b, a) <= TOL
 
 
-def test_ddim_linspace_previous_timestep_is_fixed():
-    """diffusers #12633: DDIM's t − N//n is not the next timestep under "linspace" (and "trailing" with n ∤ N);
-    fastrev uses the next entry of the schedule, so its chain visits exactly the timesteps it was given."""
-    for spacing, n in (("linspace", 10), ("trailing", 7)):
-        fast = FastDDIMScheduler(timestep_spacing=spacing)
+def test_trailing_timesteps_every_n_as_diffusers():
+    """diffusers' "trailing" is a float np.arange: for some n it rounds differently from N − i·N/n (n = 48) or
+    ends with a −1 (n = 61). The default reproduces it for every n; fastrev_fixes gives exactly n points."""
+    ref, fast, fixed = DDIMScheduler(timestep_spacing="trailing"), FastDDIMScheduler(timestep_spacing="trailing"), \
+        FastDDIMScheduler(timestep_spacing="trailing", fastrev_fixes=True)
+    for n in range(1, 1001):
+        ref.set_timesteps(n)
         fast.set_timesteps(n)
+        assert torch.equal(ref.timesteps, fast.timesteps), n
+    for n in (48, 61):
+        fixed.set_timesteps(n)
+        ts = fixed.timesteps
+        assert len(ts) == n and int(ts[-1]) >= 0 and int(ts[0]) == 999
+
+
+
+@pytest.mark.parametrize("kind", ["ddpm", "ddim"])
+def test_trailing_minus_one_timestep_as_diffusers(kind):
+    """For n = 61 diffusers' "trailing" timesteps end with −1, where it reads alphas_cumprod[-1] (and DDPM adds no
+    noise): the default reproduces that step (host int, CPU tensor, [B] tensor, and whole loops); fastrev_fixes has
+    no −1 and refuses one."""
+    cfg = dict(timestep_spacing="trailing")
+    ref, fast = (DDPMScheduler(**cfg), FastDDPMScheduler(**cfg)) if kind == "ddpm" else \
+        (DDIMScheduler(**cfg), FastDDIMScheduler(**cfg))
+    kw = {} if kind == "ddpm" else dict(eta=1.0)
+    for s in (ref, fast):
+        s.set_timesteps(61)
+    assert int(fast.timesteps[-1]) == -1 and fast.previous_timestep(-1) == -1
+    x, out = _inputs(31)
+    g_ref, g_fast = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
+    a = ref.step(out, -1, x, generator=g_ref, **kw)
+    for t in (-1, torch.tensor(-1)):
+        b = fast.step(out, t, x, generator=g_fast, **kw)
+        assert _err(b.prev_sample, a.prev_sample) <= TOL and _err(b.pred_original_sample,
+                                                                  a.pred_original_sample) <= TOL
+        g_fast.set_state(torch.Generator().manual_seed(0).get_state())
+    assert torch.equal(g_ref.get_state(), torch.Generator().manual_seed(0).get_state()) == (kind == "ddpm")
+    z = torch.randn(SHAPE)
+    both = fast.step(out, torch.tensor([-1, int(fast.timesteps[-2])]), x, variance_noise=z).prev_sample
+    one = fast.step(out[:1], -1, x[:1], variance_noise=z[:1]).prev_sample
+    assert _err(both[:1], one) <= 1e-6
+    assert _err(_loop(fast, 61, kw.get("eta"), 5), _loop(ref, 61, kw.get("eta"), 5)) <= 1e-4
+    fixed = type(fast)(**cfg, fastrev_fixes=True)
+    fixed.set_timesteps(61)
+    assert int(fixed.timesteps[-1]) >= 0
+    with pytest.raises(ValueError, match="timestep must be in"):
+        fixed.step(out, -1, x, **kw)
+
+
+def test_ddim_previous_timestep_default_and_fixes():
+    """Default: diffusers' t − N//n for every t and spacing (on the chain and off it); fastrev_fixes=True: the next
+    entry of the schedule (#12633: t − N//n is not the next timestep under "linspace", nor "trailing" with n ∤ N)."""
+    for spacing, n in (("linspace", 10), ("trailing", 7), ("leading", 7)):
+        fast = FastDDIMScheduler(timestep_spacing=spacing)
+        fixed = FastDDIMScheduler(timestep_spacing=spacing, fastrev_fixes=True)
+        fast.set_timesteps(n)
+        fixed.set_timesteps(n)
         ts = fast.timesteps.tolist()
-        assert [fast.previous_timestep(t) for t in ts] == ts[1:] + [-1]
-        assert any(t - 1000 // n != p for t, p in zip(ts, ts[1:] + [-1]) if p >= 0 or t - 1000 // n >= 0)
-    # and it differs from stock diffusers there (the documented deliberate difference)
+        assert [fast.previous_timestep(t) for t in range(1000)] == [max(t - 1000 // n, -1) for t in range(1000)]
+        assert [fixed.previous_timestep(t) for t in ts] == ts[1:] + [-1]
+        nxt = ts[1:] + [-1]
+        differs = any(t - 1000 // n != p for t, p in zip(ts, nxt, strict=True) if p >= 0 or t - 1000 // n >= 0)
+        assert differs == (spacing != "leading")
+        # off the chain with the fixes: to the largest scheduled timestep below
+        assert fixed.previous_timestep(ts[0] - 1) == ts[1]
+    # the default is stock diffusers, and the fix really changes the result there
     ref = DDIMScheduler(timestep_spacing="linspace")
     ref.set_timesteps(10)
-    fast = FastDDIMScheduler(timestep_spacing="linspace")
+    fast, fixed = FastDDIMScheduler(timestep_spacing="linspace"), \
+        FastDDIMScheduler(timestep_spacing="linspace", fastrev_fixes=True)
     fast.set_timesteps(10)
+    fixed.set_timesteps(10)
     x, out = _inputs(1)
-    assert max(_err(fast.step(out, t, x).prev_sample, ref.step(out, t, x).prev_sample) for t in ref.timesteps) > 1e-2
+    assert max(_err(fast.step(out, t, x).prev_sample, ref.step(out, t, x).prev_sample) for t in ref.timesteps) <= TOL
+    assert max(_err(fixed.step(out, t, x).prev_sample, ref.step(out, t, x).prev_sample) for t in ref.timesteps) > 1e-2
 
 
 def test_fixed_large_log_is_finite_where_diffusers_is_nan():
@@ -700,11 +803,10 @@ def test_errors_are_clear():
     with pytest.raises(ValueError, match="set_timesteps"):
         ddim.step(out, 999, x)
     ddim.set_timesteps(10)
-    with pytest.raises(ValueError, match="not one of scheduler.timesteps"):
-        ddim.step(out, 899, x)
     with pytest.raises(ValueError, match="both generator and variance_noise"):
         ddim.step(out, 900, x, eta=1.0, generator=torch.Generator(), variance_noise=torch.zeros_like(x))
-    with pytest.raises(ValueError, match="negative"):
+    with pytest.raises(ValueError, match=r"FastDDIMScheduler\(num_train_timesteps=1000, beta_schedule='linear'.*"
+                       r"timestep 900 \(to 800\).*eta=3.0 makes 1 − ᾱ_prev − σ² negative"):
         ddim.step(out, 900, x, eta=3.0)
     with pytest.raises(ValueError, match="backend"):
         ddim.backend = "cuda"
@@ -712,18 +814,27 @@ def test_errors_are_clear():
     ddpm = FastDDPMScheduler(variance_type="learned_range")
     with pytest.raises(ValueError, match="twice the sample's channels"):
         ddpm.step(out, 500, x)
-    with pytest.raises(ValueError, match="variance_type"):
-        FastDDPMScheduler(variance_type="other")
+    ddpm = FastDDPMScheduler()
+    ddpm.set_timesteps(10)
+    with pytest.raises(ValueError, match="not one of scheduler.timesteps"):    # diffusers: IndexError
+        ddpm.step(out, 899, x)
     with pytest.raises(ValueError, match="timestep must be in"):
         FastDDPMScheduler().step(out, 1000, x)
+    # diffusers checks prediction_type / timestep_spacing at step / set_timesteps: so does fastrev
+    odd = FastDDPMScheduler(prediction_type="noise", timestep_spacing="even")
+    with pytest.raises(ValueError, match="prediction_type given as 'noise' must be one of"):
+        odd.step(out, 10, x)
+    with pytest.raises(ValueError, match="timestep_spacing='even' is not supported"):
+        odd.set_timesteps(10)
 
 
-def test_nonscheduled_device_timestep_gives_nan_rows():
-    """Rows of timesteps outside the chain are NaN: a device timestep that is not scheduled cannot pass silently."""
-    sch = FastDDPMScheduler()
-    sch.set_timesteps(10)
-    tab = sch._table(sch._default_key(), torch.device("cpu"), torch.float64)
-    assert torch.isnan(tab[899]).all() and torch.isfinite(tab[900]).all() and torch.isfinite(tab[0]).all()
+def test_every_table_row_is_a_step():
+    """Every one of the num_train_timesteps rows holds the step diffusers takes from that t (DDIM: to t − N//n; DDPM:
+    to the scheduled timestep below), so any device timestep works without a host sync; no NaN rows."""
+    for sch in (FastDDPMScheduler(), FastDDIMScheduler(timestep_spacing="linspace")):
+        sch.set_timesteps(10)
+        tab = sch._table(sch._default_key(), torch.device("cpu"), torch.float64)
+        assert tab.shape[0] == 1001 and torch.isfinite(tab).all()           # row 1000: diffusers' t = −1
 
 
 @pytest.mark.cuda
@@ -757,7 +868,8 @@ def test_device_state_is_rewritten_in_place_by_set_timesteps():
     assert (tab.data_ptr(), seed.data_ptr(), prev.data_ptr()) == ptrs
     assert sch._table(sch._key(1.0, False), dev, torch.float64) is tab
     assert not torch.equal(seed, old_seed)                          # a new chain, a new fast-mode seed
-    assert torch.isnan(tab[900]).all() and torch.isfinite(tab[960]).all() and torch.isfinite(old_row).all()
+    assert not torch.equal(tab[900], old_row)                       # 900 → 860 now, 900 → 800 before
+    assert torch.equal(tab, sch._host_table(sch._key(1.0, False))[0][1:])
     assert int(sch.previous_timestep(torch.tensor(960))) == 920
     ref = DDIMScheduler()
     ref.set_timesteps(25)
@@ -891,3 +1003,261 @@ def test_mixed_dtypes_promote_like_diffusers():
     assert a.pred_original_sample.dtype == b.pred_original_sample.dtype
     # diffusers multiplies the fp16 sample by a 0-dim fp32 coefficient in fp16: agreement to fp16 rounding
     torch.testing.assert_close(b.prev_sample, a.prev_sample, rtol=2e-3, atol=2e-3)
+
+
+# ------------------------------------------------------------------------------------------------ diffusers' semantics
+@pytest.mark.parametrize("spacing", SPACINGS)
+def test_ddim_steps_from_any_timestep(spacing):
+    """DDIM steps from any t in [0, N), scheduled or not (img2img strength, custom loops, inversion), to t − N//n as
+    diffusers does — host ints, CPU tensors, and a [B] tensor of unscheduled timesteps at once."""
+    cfg = dict(timestep_spacing=spacing, prediction_type="v_prediction", set_alpha_to_one=False)
+    ref, fast = DDIMScheduler(**cfg), FastDDIMScheduler(**cfg)
+    ref.set_timesteps(7)
+    fast.set_timesteps(7)
+    ts = [999, 998, 612, 143, 142, 141, 5, 0]
+    x, out = _inputs(21, shape=(len(ts), 3, 4, 4))
+    z = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
+    per_sample = fast.step(out, torch.tensor(ts), x, eta=1.0, variance_noise=z)
+    for i, t in enumerate(ts):
+        a = ref.step(out[i:i + 1], t, x[i:i + 1], eta=1.0, variance_noise=z[i:i + 1])
+        for timestep in (t, torch.tensor(t)):
+            b = fast.step(out[i:i + 1], timestep, x[i:i + 1], eta=1.0, variance_noise=z[i:i + 1])
+            assert _err(b.prev_sample, a.prev_sample) <= TOL and _err(b.pred_original_sample,
+                                                                      a.pred_original_sample) <= TOL, t
+        assert _err(per_sample.prev_sample[i:i + 1], a.prev_sample) <= TOL, t
+
+
+def test_ddpm_steps_as_diffusers_previous_timestep():
+    """DDPM: t → t − 1 from any t before set_timesteps; after it only scheduled timesteps (diffusers raises
+    otherwise), each to the next entry; fastrev_fixes=True also steps an unscheduled t to the scheduled one below."""
+    ref, fast = DDPMScheduler(), FastDDPMScheduler()
+    x, out = _inputs(22)
+    for t in (999, 731, 1, 0):
+        a = ref.step(out, t, x, generator=torch.Generator().manual_seed(t)).prev_sample
+        assert _err(fast.step(out, t, x, generator=torch.Generator().manual_seed(t)).prev_sample, a) <= TOL
+    fixed = FastDDPMScheduler(fastrev_fixes=True)
+    for s in (ref, fast, fixed):
+        s.set_timesteps(timesteps=[900, 611, 333, 2])
+    with pytest.raises(ValueError, match="not one of scheduler.timesteps"):
+        fast.step(out, 612, x)
+    for t in (900, 2):
+        a = ref.step(out, t, x, generator=torch.Generator().manual_seed(t)).prev_sample
+        assert _err(fast.step(out, t, x, generator=torch.Generator().manual_seed(t)).prev_sample, a) <= TOL
+    assert fixed.previous_timestep(899) == 611 and fixed.previous_timestep(1) == -1
+    # an unscheduled t with the fixes: the step from t to 611, i.e. the custom chain [t, 611, ...]
+    ref.set_timesteps(timesteps=[899, 611, 333, 2])
+    g = torch.Generator().manual_seed(3)
+    a = ref.step(out, 899, x, generator=torch.Generator().manual_seed(3)).prev_sample
+    assert _err(fixed.step(out, 899, x, generator=g).prev_sample, a) <= TOL
+
+
+def test_underflowing_schedule_is_finite_wherever_diffusers_is():
+    """beta_start=0.01, beta_end=0.2: diffusers' float32 ᾱ_t is 0 for t ≥ 959. Where diffusers is finite fastrev
+    agrees; where diffusers is NaN (ᾱ_t = ᾱ_prev = 0: α'_t = 0/0) fastrev steps with the float64 product of α; where
+    there is no answer the error names the user's config and the timestep."""
+    cfg = dict(beta_start=0.01, beta_end=0.2)
+    ref, fast = DDPMScheduler(**cfg), FastDDPMScheduler(**cfg)
+    x, out = _inputs(23)
+    nan_in_diffusers = 0
+    for t in (0, 500, 958, 959, 960, 999):
+        a = ref.step(out, t, x, generator=torch.Generator().manual_seed(t)).prev_sample
+        b = fast.step(out, t, x, generator=torch.Generator().manual_seed(t)).prev_sample
+        assert torch.isfinite(b).all(), t
+        if torch.isfinite(a).all():
+            assert t <= 959 and _err(b, a) <= TOL, t
+        else:       # the limit of diffusers' formula: x̂₀'s weight √ᾱ_prev·β'/(1−ᾱ_t) is 0, x's is √α'_t
+            assert t >= 960
+            nan_in_diffusers += 1
+            alpha = float(torch.prod(ref.alphas[t:t + 1].double()))
+            z = torch.randn(SHAPE, generator=torch.Generator().manual_seed(t))
+            assert _err(b, (alpha ** 0.5 * x.double() + (1 - alpha) ** 0.5 * z.double()).float()) <= TOL
+    assert nan_in_diffusers == 2
+    for sch in (ref, fast):
+        sch.set_timesteps(10)                        # 900 → 0: ᾱ_900 > 0; 999 is not scheduled (leading)
+    ddim_ref, ddim = DDIMScheduler(**cfg, timestep_spacing="trailing"), FastDDIMScheduler(**cfg,
+                                                                                         timestep_spacing="trailing")
+    for sch in (ddim_ref, ddim):
+        sch.set_timesteps(50)                        # 999 → 979: both 0 in float32
+    finite_in_diffusers = []
+    for t in (999, 979, 959, 499):
+        a = ddim_ref.step(out, t, x, eta=1.0, generator=torch.Generator().manual_seed(t)).prev_sample
+        b = ddim.step(out, t, x, eta=1.0, generator=torch.Generator().manual_seed(t)).prev_sample
+        assert torch.isfinite(b).all(), t
+        if torch.isfinite(a).all():
+            finite_in_diffusers.append(t)
+            assert _err(b, a) <= TOL, t
+    assert finite_in_diffusers == [959, 499]
+    # no answer: an unclipped ε-prediction x̂₀ = (x − ε)/0 that the step carries (ᾱ_959 = 0, ᾱ_prev > 0)
+    bare = FastDDIMScheduler(**cfg, clip_sample=False, timestep_spacing="trailing")
+    bare.set_timesteps(50)
+    with pytest.raises(ValueError) as info:
+        bare.step(out, 959, x)
+    msg = str(info.value)
+    assert "beta_start=0.01, beta_end=0.2" in msg and "timestep 959" in msg and "clip_sample" in msg
+    assert "betas must be" not in msg
+    # a device-style timestep on that row gets NaN, as diffusers gets NaN/inf (no host sync to check it)
+    assert torch.isnan(bare._table(bare._key(0.0, False), torch.device("cpu"), torch.float64)[959]).all()
+
+
+def test_negative_alphas_cumprod_names_the_config():
+    """trained betas above 1 make ᾱ negative: diffusers' √ᾱ is NaN; the error names the config and the timestep."""
+    sch = FastDDPMScheduler(trained_betas=[0.5, 1.5, 0.5, 0.5], num_train_timesteps=4)
+    x, out = _inputs(24)
+    assert torch.isfinite(sch.step(out, 0, x).prev_sample).all()
+    with pytest.raises(ValueError, match=r"trained_betas=\[\.\.\.\].*timestep 2 \(to 1\).*negative"):
+        sch.step(out, 2, x, generator=torch.Generator())
+
+
+def test_other_variance_type_warns_once_and_computes_as_diffusers():
+    """variance_type values diffusers falls through on: diffusers uses the clamped β̃ (as fixed_small)."""
+    from fastrev import diffusers as fd
+    fd._WARNED_VARIANCE_TYPES.discard(repr("other"))
+    with pytest.warns(UserWarning, match=r"variance_type='other' is not one of \('fixed_small'"):
+        fast = FastDDPMScheduler(variance_type="other")
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        FastDDPMScheduler(variance_type="other")                   # once
+    ref = DDPMScheduler(variance_type="other")
+    for sch in (ref, fast):
+        sch.set_timesteps(10)
+    x, out = _inputs(25)
+    for t in (900, 500, 0):
+        a = ref.step(out, t, x, generator=torch.Generator().manual_seed(t)).prev_sample
+        assert _err(fast.step(out, t, x, generator=torch.Generator().manual_seed(t)).prev_sample, a) <= TOL
+
+
+@pytest.mark.parametrize("cls", [FastDDPMScheduler, FastDDIMScheduler])
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.bool, torch.uint8])
+def test_integer_and_bool_inputs_raise(cls, dtype):
+    """An int or bool sample / model_output is a TypeError naming the argument (as fastrev.ddpm_step); diffusers
+    would compute with it (DDPM: a truncated int64 sample)."""
+    sch = cls()
+    sch.set_timesteps(10)
+    x, out = _inputs(26)
+    with pytest.raises(TypeError, match=r"^sample must be a floating tensor"):
+        sch.step(out, 500, x.to(dtype), generator=torch.Generator())
+    with pytest.raises(TypeError, match=r"^model_output must be a floating tensor"):
+        sch.step(out.to(dtype), 500, x, generator=torch.Generator())
+    with pytest.raises(TypeError, match=r"^sample must be a torch.Tensor"):
+        sch.step(out, 500, x.numpy(), generator=torch.Generator())
+
+
+def test_ddim_eta_as_a_tensor():
+    """diffusers' DDIM takes η as a tensor too (its `if eta > 0` reads it): so does fastrev."""
+    ref, fast = DDIMScheduler(), FastDDIMScheduler()
+    for s in (ref, fast):
+        s.set_timesteps(10)
+    x, out = _inputs(28)
+    z = torch.randn(SHAPE)
+    a = ref.step(out, 500, x, eta=torch.tensor(0.5), variance_noise=z).prev_sample
+    assert _err(fast.step(out, 500, x, eta=torch.tensor(0.5), variance_noise=z).prev_sample, a) <= TOL
+    with pytest.raises(TypeError, match="eta must be a number"):
+        fast.step(out, 500, x, eta="0.5")
+
+
+def test_learned_variance_without_its_channels_at_t0():
+    """diffusers splits the variance channels only when there are 2C; without them its t = 0 step (no noise) is
+    still computed: so is fastrev's; at t > 0 diffusers fails, fastrev says why."""
+    ref, fast = DDPMScheduler(variance_type="learned_range"), FastDDPMScheduler(variance_type="learned_range")
+    x, out = _inputs(27)
+    a = ref.step(out, 0, x)
+    b = fast.step(out, 0, x)
+    assert _err(b.prev_sample, a.prev_sample) <= TOL
+    with pytest.raises(ValueError, match="twice the sample's channels"):
+        fast.step(out, 1, x)
+
+
+# ------------------------------------------------------------------------------------------------ whole loops
+LOOP_SCHEDULES = {k: SCHEDULES[k] for k in ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid")}
+LOOP_KINDS = (("ddpm", None), ("ddim", 0.0), ("ddim", 1.0))
+
+
+def _loop_model(x, t):
+    """A deterministic stand-in for a UNet: smooth in x, varying with t."""
+    return 0.8 * torch.tanh(x) + 0.1 * torch.cos(x * (1 + int(t) / 1000))
+
+
+def _loop(sch, n, eta, seed):
+    sch.set_timesteps(n)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn((2, 3, 8, 8), generator=torch.Generator().manual_seed(seed + 1))
+    kw = {} if eta is None else dict(eta=eta)
+    for t in sch.timesteps:
+        x = sch.step(_loop_model(x, t), t, x, generator=g, **kw).prev_sample
+    return x
+
+
+def test_loops_agree_with_diffusers_over_the_grid():
+    """Done-when grid: whole generator-seeded loops (7 and 20 steps) of the drop-ins against diffusers' own classes,
+    prediction type × beta schedule × spacing × clip/threshold × {DDPM, DDIM η=0, DDIM η=1}, to 1e-4 relative to the
+    result's largest entry. Every cell of the grid is run (sigmoid is DDPM-only in diffusers)."""
+    import itertools
+    bad, cells = [], 0
+    for (schedule, sched_cfg), pt, spacing, (clip_name, clip), n, (kind, eta) in itertools.product(
+            LOOP_SCHEDULES.items(), PREDICTIONS, SPACINGS, CLIPS.items(), (7, 20), LOOP_KINDS):
+        if kind == "ddim" and schedule == "sigmoid":
+            continue
+        cfg = dict(sched_cfg, prediction_type=pt, timestep_spacing=spacing, **clip)
+        ref, fast = (DDPMScheduler(**cfg), FastDDPMScheduler(**cfg)) if kind == "ddpm" else \
+            (DDIMScheduler(**cfg), FastDDIMScheduler(**cfg))
+        seed = cells
+        cells += 1
+        a, b = _loop(ref, n, eta, seed), _loop(fast, n, eta, seed)
+        err = float((a.double() - b.double()).abs().max() / a.double().abs().max())
+        if not err <= 1e-4:                               # NaN fails too
+            bad.append(f"{kind} eta={eta} {schedule} {pt} {spacing} {clip_name} n={n}: {err:.2e}")
+    assert cells == 3 * 3 * 3 * 2 * (4 + 3 + 3)
+    _report(bad)
+
+
+@pytest.mark.cuda
+def test_cuda_generator_draw_rule_default_and_fixes():
+    """A device timestep with a generator: by default DDPM reads t back to skip the t = 0 draw, as diffusers does
+    (same generator state afterwards); with fastrev_fixes=True it makes no host sync (the draw is multiplied by 0)."""
+    dev = torch.device("cuda")
+    x = torch.randn(2, 3, 8, 8, device=dev)
+    out = torch.randn(2, 3, 8, 8, device=dev)
+    ref, fast, fixed = DDPMScheduler(), FastDDPMScheduler(), FastDDPMScheduler(fastrev_fixes=True)
+    for s in (ref, fast, fixed):
+        s.set_timesteps(10, device=dev)
+    g_ref, g_fast = torch.Generator(device=dev).manual_seed(0), torch.Generator(device=dev).manual_seed(0)
+    for t in ref.timesteps:                     # device timesteps, the last one 0
+        a = ref.step(out, t, x, generator=g_ref).prev_sample
+        b = fast.step(out, t, x, generator=g_fast).prev_sample
+        assert _err(b.cpu(), a.cpu()) <= TOL
+    assert torch.equal(g_ref.get_state(), g_fast.get_state())
+    g = torch.Generator(device=dev).manual_seed(0)
+    fixed.step(out, fixed.timesteps[0], x, generator=g)          # warm-up: tables on the device
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for t in fixed.timesteps:
+            fixed.step(out, t, x, generator=g)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("kind", ["ddpm", "ddim"])
+def test_cuda_trailing_minus_one_device_timestep(kind):
+    """A device t = −1 (diffusers' "trailing" n = 61) reads the table's t = −1 row through the kernel's pointer
+    arithmetic (one row before the view) and through torch's negative indexing: in bounds, diffusers' values."""
+    dev = torch.device("cuda")
+    cfg = dict(timestep_spacing="trailing", thresholding=kind == "ddim")
+    ref, fast = (DDPMScheduler(**cfg), FastDDPMScheduler(**cfg)) if kind == "ddpm" else \
+        (DDIMScheduler(**cfg), FastDDIMScheduler(**cfg))
+    kw = {} if kind == "ddpm" else dict(eta=1.0)
+    for s in (ref, fast):
+        s.set_timesteps(61, device=dev)
+    x, out = (v.to(dev) for v in _inputs(32))
+    z = torch.randn(x.shape, device=dev)
+    t = ref.timesteps[-1]
+    assert int(t) == -1
+    if kind == "ddpm":
+        a = ref.step(out, t, x).prev_sample
+        b = fast.step(out, t, x, variance_noise=z).prev_sample
+    else:
+        a = ref.step(out, t, x, variance_noise=z, **kw).prev_sample
+        b = fast.step(out, t, x, variance_noise=z, **kw).prev_sample
+    assert _err(b.cpu(), a.cpu()) <= TOL
