@@ -107,6 +107,9 @@ logger = _dlogging.get_logger(__name__)
 BACKENDS = ("auto", "torch", "reference", "triton")
 _F64 = torch.float64
 _NAN_ROW = float("nan")
+#: Device types whose tensors are read on the host without a synchronisation (tests set it to () to run the
+#: device code path, and check that it never reads a value back, on CPU tensors).
+_HOST_DEVICES = ("cpu",)
 
 
 def _is_host_number(x) -> bool:
@@ -145,6 +148,7 @@ class _FastEulerBase:
             self.num_inference_steps = st.num_inference_steps
         self._ts_host = st.timesteps.detach().cpu()                       # for host look-ups
         self._sig_host = st.sigmas.detach().cpu().to(torch.float32)      # diffusers' float32 sigmas
+        self._sig_np = self._sig_host.numpy().copy()
         self._rows = int(self._sig_host.numel()) - 1                      # valid step rows 0..R-1; row R is NaN
         self._host_cache: dict = {}
         self._step_index = None
@@ -242,7 +246,8 @@ class _FastEulerBase:
         counter = self._counter(device)
         if self._begin_index is not None:
             host = int(self._begin_index)
-        elif _is_host_number(timestep) or (isinstance(timestep, torch.Tensor) and timestep.device.type == "cpu"):
+        elif _is_host_number(timestep) or (isinstance(timestep, torch.Tensor)
+                                           and timestep.device.type in _HOST_DEVICES):
             host = self._host_lookup(timestep)
         else:                                                   # device lookup: no sync
             ts = self._ts_dev(counter.device)
@@ -466,16 +471,28 @@ class FastEulerDiscreteScheduler(_SigmaEulerBase, SchedulerMixin, ConfigMixin):
     _convert_to_beta = EulerDiscreteScheduler._convert_to_beta
     get_velocity = EulerDiscreteScheduler.get_velocity
 
+    def _churn_flags(self, churn):
+        """(γ per row as float64 numpy with a 0 for the NaN row, any γ > 0, all γ > 0), cached per chain and computed
+        in numpy on the host copy of the sigmas: no per-step host work, no tensor read."""
+        flags = self._host_cache.get(("gamma", churn))
+        if flags is None:
+            s_churn, s_tmin, s_tmax, _ = churn
+            sig = self._sig_np[:-1]                               # float32, compared as diffusers compares them
+            g = min(s_churn / (len(self._sig_host) - 1), 2**0.5 - 1)
+            gamma = np.where((s_tmin <= sig) & (sig <= s_tmax), g, 0.0).astype(np.float64)
+            pos = gamma > 0
+            flags = self._host_cache[("gamma", churn)] = (np.append(gamma, 0.0), bool(pos.any()),
+                                                          bool(pos.all()) and bool(pos.size))
+        return flags
+
     def _churn(self, key):
         """(σ, σ_next, σ̂, γ, c) per row for churn options ``key`` = (s_churn, s_tmin, s_tmax, s_noise)."""
-        s_churn, s_tmin, s_tmax, s_noise = key
         sig, nxt = self._sig64()
         sig32 = self._sig_host[:-1]
-        g = min(s_churn / (len(self._sig_host) - 1), 2**0.5 - 1)
-        gamma = torch.where((s_tmin <= sig32) & (sig32 <= s_tmax), torch.full_like(sig, g), torch.zeros_like(sig))
+        gamma = torch.from_numpy(self._churn_flags(key)[0][:-1].copy())
         sig_hat = (sig32 * (gamma + 1).to(torch.float32)).to(_F64)          # float32 as diffusers rounds σ̂
         sig_hat = torch.where(gamma > 0, sig_hat, sig)
-        c = s_noise * torch.sqrt((sig_hat**2 - sig**2).clamp_min(0)) * (gamma > 0)
+        c = key[3] * torch.sqrt((sig_hat**2 - sig**2).clamp_min(0)) * (gamma > 0)
         return sig, nxt, sig_hat, gamma, c
 
     def _build_rows(self, key) -> torch.Tensor:
@@ -512,16 +529,12 @@ class FastEulerDiscreteScheduler(_SigmaEulerBase, SchedulerMixin, ConfigMixin):
             logger.warning("The `scale_model_input` function should be called before `step` to ensure correct "
                            "denoising. See `StableDiffusionPipeline` for a usage example.")
         churn = (float(s_churn), float(s_tmin), float(s_tmax), float(s_noise))
-        gamma = self._churn(churn)[3] if s_churn > 0 else None
-        any_churn = gamma is not None and bool((gamma > 0).any())
+        gamma, any_churn, all_churn = self._churn_flags(churn)
 
-        def draw(rows, per_sample):
-            if not any_churn:
-                return False
-            if bool((gamma > 0).all()):
-                return True
-            g = torch.cat([gamma, torch.zeros(1, dtype=_F64)])
-            return bool((g[self._host_rows(rows, per_sample)] > 0).any())
+        def draw(rows, per_sample):             # exact mode: diffusers draws iff γ > 0 at this step
+            if not any_churn or all_churn:
+                return any_churn
+            return bool((gamma[self._host_rows(rows, per_sample).numpy()] > 0).any())
 
         prev, x0 = self._run(model_output, timestep, sample, key=("prev", churn), stochastic=any_churn, draw=draw,
                              noise_shape_dtype=(model_output.shape, model_output.dtype, model_output.device),
