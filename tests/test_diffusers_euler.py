@@ -163,7 +163,7 @@ def _check_loop(stock, fast, loop_tol=TOL, **kw):
     a, ra, sc = _loop(_recording(stock, log), **kw)
     b, rb, _ = _loop(fast, **kw)
     _close(b, a, tol=loop_tol, what="final sample (whole loop)")
-    assert all(len(x) == len(y) for x, y in zip(ra, rb))
+    assert all(len(x) == len(y) for x, y in zip(ra, rb, strict=True))
     # teacher forced: diffusers' inputs into a fresh fast scheduler
     set_kw = dict(kw.get("set_kw") or {})
     fast2 = type(fast).from_config(fast.config)
@@ -598,3 +598,84 @@ def test_no_nan_where_diffusers_ancestral_cancels():
     for t in s.timesteps:
         x = s.step(torch.tanh(x), t, x, generator=torch.Generator().manual_seed(0)).prev_sample
     assert torch.isfinite(x).all()
+
+
+# ------------------------------------------------------------------------------------------------ pipeline-shaped
+@pytest.fixture(scope="module")
+def tiny_models():
+    """Tiny randomly initialised diffusers models built locally (no downloads): an SD3 transformer and an SDXL-style
+    conditional UNet, with text embeddings for classifier-free guidance."""
+    from diffusers import SD3Transformer2DModel, UNet2DConditionModel
+    torch.manual_seed(0)
+    transformer = SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=16, caption_projection_dim=16, pooled_projection_dim=8, out_channels=4,
+        pos_embed_max_size=16).eval()
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=16, norm_num_groups=4, attention_head_dim=2).eval()
+    g = torch.Generator().manual_seed(1)
+    text = torch.randn(4, 5, 16, generator=g)            # [uncond ×2, cond ×2]
+    pooled = torch.randn(4, 8, generator=g)
+    return transformer, unet, text, pooled
+
+
+def _sd3_loop(scheduler, transformer, text, pooled, *, n, set_kw, generator=None, guidance=4.0):
+    """The SD3 / Flux denoising loop: set_timesteps(device), CFG over a doubled batch, the timestep expanded to the
+    batch for the model, step(noise_pred, t, latents, return_dict=False)[0]."""
+    scheduler.set_timesteps(n, device="cpu", **set_kw) if "sigmas" not in set_kw else \
+        scheduler.set_timesteps(device="cpu", **set_kw)
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            latent_in = torch.cat([latents] * 2)
+            pred = transformer(hidden_states=latent_in, timestep=t.expand(latent_in.shape[0]),
+                               encoder_hidden_states=text, pooled_projections=pooled, return_dict=False)[0]
+            uncond, cond = pred.chunk(2)
+            latents = scheduler.step(uncond + guidance * (cond - uncond), t, latents, generator=generator,
+                                     return_dict=False)[0]
+    return latents
+
+
+def _sdxl_loop(scheduler, unet, text, *, n, generator, guidance=5.0):
+    """The SDXL denoising loop: latents × init_noise_sigma, CFG, scale_model_input on the doubled batch,
+    step(..., generator=generator, return_dict=False)[0]."""
+    scheduler.set_timesteps(n, device="cpu")
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(7)) * scheduler.init_noise_sigma
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            latent_in = scheduler.scale_model_input(torch.cat([latents] * 2), t)
+            pred = unet(latent_in, t, encoder_hidden_states=text, return_dict=False)[0]
+            uncond, cond = pred.chunk(2)
+            latents = scheduler.step(uncond + guidance * (cond - uncond), t, latents, generator=generator,
+                                     return_dict=False)[0]
+    return latents
+
+
+@pytest.mark.parametrize("cfg,set_kw", [
+    (dict(shift=3.0), {}),                                                              # SD3
+    (dict(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15),                   # Flux
+     dict(sigmas=list(np.linspace(1.0, 1 / 6, 6)), mu=0.9)),
+    (dict(shift=3.0, stochastic_sampling=True), {}),
+], ids=["sd3", "flux", "stochastic"])
+def test_pipeline_shaped_flow_matching_loop(tiny_models, cfg, set_kw):
+    transformer, _, text, pooled = tiny_models
+    ref = _sd3_loop(FlowMatchEulerDiscreteScheduler(**cfg), transformer, text, pooled, n=6, set_kw=set_kw,
+                    generator=torch.Generator().manual_seed(0))
+    ours = _sd3_loop(FastFlowMatchEulerDiscreteScheduler(**cfg), transformer, text, pooled, n=6, set_kw=set_kw,
+                     generator=torch.Generator().manual_seed(0))
+    _close(ours, ref, what="latents")
+
+
+@pytest.mark.parametrize("stock_cls,fast_cls,step_kw", [
+    (EulerDiscreteScheduler, FastEulerDiscreteScheduler, {}),
+    (EulerAncestralDiscreteScheduler, FastEulerAncestralDiscreteScheduler, {}),
+], ids=["euler", "euler-a"])
+def test_pipeline_shaped_sdxl_loop(tiny_models, stock_cls, fast_cls, step_kw):
+    _, unet, text, _ = tiny_models
+    cfg = dict(SD, timestep_spacing="leading", steps_offset=1)                         # SDXL's scheduler config
+    ref = _sdxl_loop(stock_cls(**cfg), unet, text, n=6, generator=torch.Generator().manual_seed(0))
+    ours = _sdxl_loop(fast_cls.from_config(stock_cls(**cfg).config), unet, text, n=6,
+                      generator=torch.Generator().manual_seed(0))
+    _close(ours, ref, what="latents")
