@@ -57,8 +57,8 @@ Differences from diffusers (everything else matches):
   * ``pred_original_sample`` has the sample's dtype (diffusers: float32 after its upcast, or ``model_output`` itself
     for ``prediction_type="sample"``); ``prev_sample`` has ``model_output``'s dtype as in diffusers.
   * Coefficients are float64 from diffusers' float32 sigmas (σ̂ and flow matching's dt rounded to float32 as diffusers
-    rounds them); Euler-ancestral's σ_down is √(σ_next⁴/σ²) (diffusers' float32 √(σ_next² − σ_up²) cancels and can
-    round to √(negative) = NaN when σ_next ≪ σ, e.g. zero-terminal-SNR's σ_max = 4096 with few steps).
+    rounds them); Euler-ancestral's σ_down is σ_next²/σ (algebraically diffusers' √(σ_next² − σ_up²), without its
+    float32 cancellation when σ_next ≪ σ).
   * Stepping past the end of the chain: diffusers raises IndexError; here too when the step index is known on the
     host, NaN outputs when it lives only on the device. A device timestep that is not in ``timesteps`` gives NaN
     (diffusers: IndexError).

@@ -589,17 +589,6 @@ def test_device_timestep_not_in_chain_gives_nan(monkeypatch):
     assert torch.isnan(out).all()
 
 
-def test_no_nan_where_diffusers_ancestral_cancels():
-    """σ_down = √(σ_next² − σ_up²) cancels in diffusers' float32 when σ_next ≪ σ; fastrev's σ_next²/σ is finite and
-    agrees wherever diffusers is finite."""
-    s = FastEulerAncestralDiscreteScheduler(rescale_betas_zero_snr=True, timestep_spacing="trailing")
-    s.set_timesteps(2)
-    x = torch.randn(SHAPE)
-    for t in s.timesteps:
-        x = s.step(torch.tanh(x), t, x, generator=torch.Generator().manual_seed(0)).prev_sample
-    assert torch.isfinite(x).all()
-
-
 # ------------------------------------------------------------------------------------------------ pipeline-shaped
 @pytest.fixture(scope="module")
 def tiny_models():
