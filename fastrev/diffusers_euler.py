@@ -362,11 +362,22 @@ class _FastEulerBase:
         return self.config.num_train_timesteps
 
 
-def _stock_kwargs(cls, config) -> dict:
-    """The config entries the diffusers class takes (everything but fastrev's own options)."""
+def _stock_kwargs(cls, fast_cls, config) -> dict:
+    """The config entries for the internal diffusers scheduler: everything but fastrev's own options. A config key the
+    installed diffusers class does not take (an older diffusers) raises unless it has its default value, so no option
+    is silently dropped."""
     import inspect
     names = set(inspect.signature(cls.__init__).parameters) - {"self"}
-    return {k: v for k, v in dict(config).items() if k in names}
+    ours = inspect.signature(fast_cls.__init__).parameters
+    kwargs = {}
+    for k, v in dict(config).items():
+        if k.startswith("_") or k == "fastrev_fixes":
+            continue
+        if k in names:
+            kwargs[k] = v
+        elif k in ours and v != ours[k].default:
+            raise ValueError(f"{k}={v!r} needs a newer diffusers: the installed {cls.__name__} does not take `{k}`")
+    return kwargs
 
 
 # ------------------------------------------------------------------------------------------------ σ-space Euler
@@ -459,7 +470,7 @@ class FastEulerDiscreteScheduler(_SigmaEulerBase, SchedulerMixin, ConfigMixin):
     ):
         _ops._check_choice("prediction_type", prediction_type, ("epsilon", "sample", "v_prediction",
                                                                 "original_sample"))
-        self._init_from_stock(EulerDiscreteScheduler(**_stock_kwargs(EulerDiscreteScheduler, self.config)))
+        self._init_from_stock(EulerDiscreteScheduler(**_stock_kwargs(EulerDiscreteScheduler, type(self), self.config)))
         self._after_init()
         self.use_karras_sigmas = use_karras_sigmas
         self.use_exponential_sigmas = use_exponential_sigmas
@@ -568,7 +579,7 @@ class FastEulerAncestralDiscreteScheduler(_SigmaEulerBase, SchedulerMixin, Confi
     ) -> None:
         _ops._check_choice("prediction_type", prediction_type, ("epsilon", "sample", "v_prediction"))
         self._init_from_stock(EulerAncestralDiscreteScheduler(
-            **_stock_kwargs(EulerAncestralDiscreteScheduler, self.config)))
+            **_stock_kwargs(EulerAncestralDiscreteScheduler, type(self), self.config)))
         self._after_init()
 
     def set_timesteps(self, num_inference_steps: int, device=None):
@@ -616,7 +627,8 @@ class FastFlowMatchEulerDiscreteScheduler(_FastEulerBase, SchedulerMixin, Config
     launch. ``fastrev_fixes=True`` applies the shift once in the default ``set_timesteps`` path (diffusers#13243).
     """
 
-    _compatibles = []
+    # diffusers' class lists itself through `compatibles` (its own name); this one lists diffusers' class the same way
+    _compatibles = ["FlowMatchEulerDiscreteScheduler"]
     order = 1
     _stock_cls = FlowMatchEulerDiscreteScheduler
     _has_x0 = False
@@ -643,7 +655,7 @@ class FastFlowMatchEulerDiscreteScheduler(_FastEulerBase, SchedulerMixin, Config
         if not isinstance(fastrev_fixes, bool):
             raise TypeError(f"fastrev_fixes must be a bool, got {type(fastrev_fixes).__name__}")
         self._init_from_stock(FlowMatchEulerDiscreteScheduler(
-            **_stock_kwargs(FlowMatchEulerDiscreteScheduler, self.config)))
+            **_stock_kwargs(FlowMatchEulerDiscreteScheduler, type(self), self.config)))
         self.sigma_min = self._stock.sigma_min
         self.sigma_max = self._stock.sigma_max
 

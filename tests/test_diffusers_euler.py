@@ -190,7 +190,7 @@ def test_same_config_signature_and_defaults(name):
     for k, p in ps.items():
         assert k in pf, k
         assert pf[k].default == p.default or (p.default is None and pf[k].default is None), k
-    assert fast_cls._compatibles == stock_cls._compatibles
+    assert fast_cls().compatibles == stock_cls().compatibles         # the same diffusers classes
     assert fast_cls.order == stock_cls.order == 1
     for m in ("step", "set_timesteps"):
         assert list(inspect.signature(getattr(fast_cls, m)).parameters) == \
@@ -550,6 +550,18 @@ def test_fastrev_fixes_single_shift():
     assert fixed.sigmas[-2] < stock.sigmas[-2]
     with pytest.raises(TypeError, match="fastrev_fixes"):
         FastFlowMatchEulerDiscreteScheduler(fastrev_fixes="yes")
+
+
+def test_option_unknown_to_installed_diffusers_raises():
+    """With an older diffusers whose class lacks a config key, a non-default value raises instead of being dropped."""
+    class Old:
+        def __init__(self, num_train_timesteps=1000, shift=1.0):
+            pass
+    F = FastFlowMatchEulerDiscreteScheduler
+    with pytest.raises(ValueError, match="stochastic_sampling"):
+        DE._stock_kwargs(Old, F, F(stochastic_sampling=True).config)
+    assert DE._stock_kwargs(Old, F, F(shift=2.0, fastrev_fixes=True).config) == dict(num_train_timesteps=1000,
+                                                                                     shift=2.0)
 
 
 def test_bad_input_raises_clearly():
