@@ -505,6 +505,24 @@ def test_triton_kernel_matches_torch_path(kernel_device, name, cfg, step_kw):
         _close(res[0], res[1], tol=2e-5, what=f"{name} gen={gen}")
 
 
+def test_triton_kernel_per_sample_and_mixed_dtype(kernel_device):
+    """Per-sample [B] timesteps and an fp16 model output with a float32 sample, on the kernel and on the torch path."""
+    res = []
+    for backend in ("triton", "torch"):
+        s = FastEulerAncestralDiscreteScheduler()
+        s.backend = backend
+        s.noise_seed = 4
+        s.set_timesteps(5)
+        x = torch.randn(3, 2, 4, generator=torch.Generator().manual_seed(0)).to(kernel_device)
+        ts = s.timesteps[[0, 2, 4]].to(kernel_device)
+        out = torch.tanh(s.scale_model_input(x, ts)).half()
+        prev, x0 = s.step(out, ts, x, return_dict=False)
+        assert prev.dtype == torch.float16 and x0.dtype == torch.float32
+        res.append((prev.float().cpu(), x0.cpu()))
+    _close(res[0][0], res[1][0], tol=1e-3, what="prev (fp16)")
+    _close(res[0][1], res[1][1], tol=2e-5, what="x0")
+
+
 @pytest.mark.cuda
 def test_cuda_graph_capture_fast_loop():
     """One eager fast-mode step (the warm-up: tables, seed and step index on the device), then the next step captured
