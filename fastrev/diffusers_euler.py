@@ -135,7 +135,7 @@ class _FastEulerBase:
         self._dstate: dict = {}         # (name, device, ...) -> [tensor, host builder]; rewritten in place per chain
         self._idx = None                # int64 [1] device counter of the step index (None: not on any device yet)
         self._idx_known = False         # whether the device counter holds the current chain's index
-        self._step_index = None         # diffusers' host step index (mirror of the device counter when known)
+        self._host_step = None          # diffusers' host step index (mirror of the device counter when known)
         self._begin_index = None
         self._drawn_seed = None
         self._copy_chain_from_stock(device=None)
@@ -151,7 +151,7 @@ class _FastEulerBase:
         self._sig_np = self._sig_host.numpy().copy()
         self._rows = int(self._sig_host.numel()) - 1                      # valid step rows 0..R-1; row R is NaN
         self._host_cache: dict = {}
-        self._step_index = None
+        self._host_step = None
         self._begin_index = None
         self._idx_known = False
         self._drawn_seed = None
@@ -210,9 +210,31 @@ class _FastEulerBase:
     @property
     def step_index(self):
         """The current step index (diffusers). After a start on the device it is read back once (a sync)."""
-        if self._step_index is None and self._idx_known:
-            self._step_index = int(self._idx.item())
-        return self._step_index
+        if self._host_step is None and self._idx_known:
+            self._host_step = int(self._idx.item())
+        return self._host_step
+
+    @property
+    def _step_index(self):
+        """diffusers' private attribute, for code that reads or writes it (e.g. LEDITS++ advances it by hand): reads
+        are :attr:`step_index`; writes set the device counter too (None restarts the chain's index)."""
+        return self.step_index
+
+    @_step_index.setter
+    def _step_index(self, value) -> None:
+        if value is None:
+            self._host_step, self._idx_known = None, False
+            return
+        value = int(value)
+        counter = self._idx if self._idx is not None else self._counter("cpu")
+        counter.fill_(min(max(value, 0), self._rows))
+        self._host_step, self._idx_known = value, True
+
+    def _init_step_index(self, timestep) -> None:
+        """diffusers' private ``_init_step_index`` (used by some pipelines directly)."""
+        device = timestep.device if isinstance(timestep, torch.Tensor) else (
+            self._idx.device if self._idx is not None else torch.device("cpu"))
+        self._init_index(timestep, device)
 
     @property
     def begin_index(self):
@@ -258,11 +280,11 @@ class _FastEulerBase:
             second = torch.argmax(((ei.cumsum(0) == 2) & eq).to(torch.int32))
             idx = torch.where(cnt > 1, second, first)
             counter.copy_(torch.where(cnt == 0, torch.full_like(idx, self._rows), idx).reshape(1))
-            self._step_index = None
+            self._host_step = None
             self._idx_known = True
             return
         counter.fill_(min(host, self._rows))
-        self._step_index = host
+        self._host_step = host
         self._idx_known = True
 
     def _resolve_rows(self, timestep, B: int, device, for_step: bool):
@@ -284,16 +306,16 @@ class _FastEulerBase:
             raise TypeError(f"timestep must be a float or a float tensor, got {type(timestep).__name__}")
         if not self._idx_known:
             self._init_index(timestep, device)
-        if for_step and self._step_index is not None and self._step_index >= self._rows:
-            raise IndexError(f"step index {self._step_index} is out of range: the chain has {self._rows} steps "
+        if for_step and self._host_step is not None and self._host_step >= self._rows:
+            raise IndexError(f"step index {self._host_step} is out of range: the chain has {self._rows} steps "
                              "(call set_timesteps again to start a new chain)")
         counter = self._counter(device)
         return counter.expand(B), False
 
     def _advance(self) -> None:
         self._idx.add_(1).clamp_(max=self._rows)          # saturates at the NaN row: never gathers out of bounds
-        if self._step_index is not None:
-            self._step_index += 1
+        if self._host_step is not None:
+            self._host_step += 1
 
     # -------------------------------------------------------------------- the step
     def _check_tensors(self, model_output, sample):

@@ -366,6 +366,26 @@ def test_img2img_begin_index_and_add_noise():
     assert torch.equal(a.scale_noise(x0, a.timesteps[3:4], z), b.scale_noise(x0, b.timesteps[3:4], z))
 
 
+def test_private_step_index_bookkeeping_like_diffusers():
+    """Code that drives diffusers' private bookkeeping (LEDITS++ calls ``_init_step_index`` and ``_step_index += 1``)
+    moves the device counter too."""
+    res = []
+    for cls in (EulerDiscreteScheduler, FastEulerDiscreteScheduler):
+        s = cls(**SD)
+        s.set_timesteps(6)
+        s._init_step_index(s.timesteps[2])
+        assert s.step_index == 2
+        s._step_index += 1
+        x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(1))
+        x = s.step(torch.tanh(x), s.timesteps[0], x).prev_sample        # the timestep is ignored once indexed
+        assert s.step_index == 4
+        s._step_index = None                                            # restart from the timestep given
+        x = s.step(torch.tanh(x), s.timesteps[1], x).prev_sample
+        res.append((x, s.step_index))
+    assert res[0][1] == res[1][1] == 2
+    _close(res[1][0], res[0][0])
+
+
 def test_duplicate_timestep_start_takes_second_match():
     """diffusers' rule: a chain starting at a duplicated timestep starts at its second occurrence."""
     res = []
