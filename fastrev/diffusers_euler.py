@@ -112,6 +112,15 @@ _NAN_ROW = float("nan")
 _HOST_DEVICES = ("cpu",)
 
 
+def _table_dtype(backend: str, any_f64: bool, device) -> torch.dtype:
+    """The table dtype ``fused_step`` wants for a resolved backend: ``ops.table_dtype`` where fastrev has it, else
+    float32 for the kernel and float64 for the float64 torch update on the CPU or with float64 inputs."""
+    fn = getattr(_ops, "table_dtype", None)
+    if fn is not None:
+        return fn(backend, any_f64)
+    return _F64 if backend == "reference" and (any_f64 or torch.device(device).type == "cpu") else torch.float32
+
+
 def _is_host_number(x) -> bool:
     return isinstance(x, (float, np.floating)) or (isinstance(x, (int, np.integer)) and not isinstance(x, bool))
 
@@ -309,8 +318,7 @@ class _FastEulerBase:
         if for_step and self._host_step is not None and self._host_step >= self._rows:
             raise IndexError(f"step index {self._host_step} is out of range: the chain has {self._rows} steps "
                              "(call set_timesteps again to start a new chain)")
-        counter = self._counter(device)
-        return counter.expand(B), False
+        return self._counter(device).expand(B).contiguous(), False     # int64 [B] rows (a copy kernel for B > 1)
 
     def _advance(self) -> None:
         self._idx.add_(1).clamp_(max=self._rows)          # saturates at the NaN row: never gathers out of bounds
@@ -356,7 +364,7 @@ class _FastEulerBase:
         any_f64 = _F64 in (sample.dtype, model_output.dtype) or (z is not None and z.dtype == _F64)
         needs_grad = torch.is_grad_enabled() and (sample.requires_grad or model_output.requires_grad)
         backend = _ops.resolve_backend(self.backend, device, any_f64=any_f64, needs_grad=needs_grad)
-        tdtype = _F64 if backend == "reference" and (any_f64 or device.type == "cpu") else torch.float32
+        tdtype = _table_dtype(backend, any_f64, device)
         table = self._table(key, device, tdtype)
         out_dtype = model_output.dtype
         out = None if out_dtype == sample.dtype else torch.empty_like(sample, dtype=out_dtype,
