@@ -190,7 +190,7 @@ def test_same_config_signature_and_defaults(name):
     for k, p in ps.items():
         assert k in pf, k
         assert pf[k].default == p.default or (p.default is None and pf[k].default is None), k
-    assert fast_cls().compatibles == stock_cls().compatibles         # the same diffusers classes
+    assert set(fast_cls().compatibles) == set(stock_cls().compatibles)     # the same diffusers classes
     assert fast_cls.order == stock_cls.order == 1
     for m in ("step", "set_timesteps"):
         assert list(inspect.signature(getattr(fast_cls, m)).parameters) == \
