@@ -38,7 +38,7 @@ Where the host is still needed (documented, never silent):
   * reading ``scheduler.step_index`` after a device-side start reads the device counter back (one sync, then cached);
     under CUDA-graph replay the device counter is the truth and the host mirror is not advanced.
   * exact mode with ``s_churn`` whose γ is zero on some steps and not others reads the step index on the host (as
-    diffusers), to know whether to draw noise.
+    diffusers), to know whether to draw noise (not with ``fastrev_fixes=True``).
   * ``add_noise`` / ``scale_noise`` are diffusers' own methods (they look timesteps up on the host).
   * ``per_token_timesteps`` (flow matching, LTX-Video) gives each element its own σ: that is not a table row, so that
     step runs diffusers' eager arithmetic (same numbers, no fusion).
@@ -64,10 +64,16 @@ Differences from diffusers (everything else matches):
     (diffusers: IndexError).
   * Per-sample ``[B]`` timesteps take the first match and neither read nor advance the step index.
   * Without a generator the noise is fastrev's counter stream, not ``torch.randn`` from the global generator.
-  * ``fastrev_fixes=True`` (FlowMatch only, off by default): diffusers' default ``set_timesteps`` path shifts σ twice
-    (huggingface/diffusers#13243: ``sigma_min`` / ``sigma_max`` are stored after the shift in ``__init__`` and shifted
-    again), which moves the last σ (e.g. 0.003 → 0.009 for shift 3); the fix builds the linspace from the unshifted
-    bounds so the shift is applied once.
+
+``fastrev_fixes`` (a config key of all three, default False, as in fastrev's other drop-ins; saved, loaded and kept
+through diffusers' classes) turns on fastrev's changes to diffusers' results:
+  * FlowMatch: diffusers' default ``set_timesteps`` path shifts σ twice (huggingface/diffusers#13243: ``sigma_min`` /
+    ``sigma_max`` are stored after the shift in ``__init__`` and shifted again), which moves the last σ (e.g. 0.0030
+    → 0.0089 for shift 3 and 10 steps); the fix builds the linspace from the unshifted bounds: one shift.
+  * Euler with ``s_churn`` in exact mode, γ > 0 on some steps only: the noise is drawn at every step (multiplied by 0
+    where γ = 0) instead of reading the step index on the host to skip the draw: no sync, capturable; only the
+    generator's state (hence later noise) differs from diffusers.
+  * Euler-ancestral: no change (the key is accepted for a uniform config).
 
 This module imports diffusers (an optional dependency: ``pip install 'fastrev[diffusers]'``).
 """
@@ -119,6 +125,11 @@ def _table_dtype(backend: str, any_f64: bool, device) -> torch.dtype:
     if fn is not None:
         return fn(backend, any_f64)
     return _F64 if backend == "reference" and (any_f64 or torch.device(device).type == "cpu") else torch.float32
+
+
+def _check_fixes(fastrev_fixes) -> None:
+    if not isinstance(fastrev_fixes, bool):
+        raise TypeError(f"fastrev_fixes must be a bool, got {type(fastrev_fixes).__name__}")
 
 
 def _is_host_number(x) -> bool:
@@ -469,8 +480,9 @@ class _SigmaEulerBase(_FastEulerBase):
 
 # ------------------------------------------------------------------------------------------------ Euler
 class FastEulerDiscreteScheduler(_SigmaEulerBase, SchedulerMixin, ConfigMixin):
-    """Drop-in ``EulerDiscreteScheduler`` (SDXL's default): same config, API and numbers, one fused launch per step
-    (two with ``s_churn``). See the module doc for exact/fast noise, the device step index and per-sample timesteps.
+    """Drop-in ``EulerDiscreteScheduler`` (SDXL's default): same config (plus ``fastrev_fixes``), API and numbers,
+    one fused launch per step (two with ``s_churn``). See the module doc for exact/fast noise, the device step index,
+    per-sample timesteps and ``fastrev_fixes``.
     """
 
     _compatibles = [e.name for e in KarrasDiffusionSchedulers]
@@ -497,7 +509,9 @@ class FastEulerDiscreteScheduler(_SigmaEulerBase, SchedulerMixin, ConfigMixin):
         steps_offset: int = 0,
         rescale_betas_zero_snr: bool = False,
         final_sigmas_type: str = "zero",
+        fastrev_fixes: bool = False,
     ):
+        _check_fixes(fastrev_fixes)
         _ops._check_choice("prediction_type", prediction_type, ("epsilon", "sample", "v_prediction",
                                                                 "original_sample"))
         self._init_from_stock(EulerDiscreteScheduler(**_stock_kwargs(EulerDiscreteScheduler, type(self), self.config)))
@@ -573,7 +587,7 @@ class FastEulerDiscreteScheduler(_SigmaEulerBase, SchedulerMixin, ConfigMixin):
         gamma, any_churn, all_churn = self._churn_flags(churn)
 
         def draw(rows, per_sample):             # exact mode: diffusers draws iff γ > 0 at this step
-            if not any_churn or all_churn:
+            if not any_churn or all_churn or self.config.fastrev_fixes:     # fixes: draw at every step, no sync
                 return any_churn
             return bool((gamma[self._host_rows(rows, per_sample).numpy()] > 0).any())
 
@@ -587,8 +601,9 @@ class FastEulerDiscreteScheduler(_SigmaEulerBase, SchedulerMixin, ConfigMixin):
 
 # ------------------------------------------------------------------------------------------------ Euler ancestral
 class FastEulerAncestralDiscreteScheduler(_SigmaEulerBase, SchedulerMixin, ConfigMixin):
-    """Drop-in ``EulerAncestralDiscreteScheduler`` ("Euler a"): same config, API and numbers, one fused launch per
-    step with the noise generated in the kernel (fast mode) or diffusers' draw (exact mode, with a generator)."""
+    """Drop-in ``EulerAncestralDiscreteScheduler`` ("Euler a"): same config (plus ``fastrev_fixes``, no effect here),
+    API and numbers, one fused launch per step with the noise generated in the kernel (fast mode) or diffusers' draw
+    (exact mode, with a generator)."""
 
     _compatibles = [e.name for e in KarrasDiffusionSchedulers]
     order = 1
@@ -606,7 +621,9 @@ class FastEulerAncestralDiscreteScheduler(_SigmaEulerBase, SchedulerMixin, Confi
         timestep_spacing: str = "linspace",
         steps_offset: int = 0,
         rescale_betas_zero_snr: bool = False,
+        fastrev_fixes: bool = False,
     ) -> None:
+        _check_fixes(fastrev_fixes)
         _ops._check_choice("prediction_type", prediction_type, ("epsilon", "sample", "v_prediction"))
         self._init_from_stock(EulerAncestralDiscreteScheduler(
             **_stock_kwargs(EulerAncestralDiscreteScheduler, type(self), self.config)))
@@ -652,9 +669,10 @@ class FastEulerAncestralDiscreteScheduler(_SigmaEulerBase, SchedulerMixin, Confi
 
 # ------------------------------------------------------------------------------------------------ flow matching
 class FastFlowMatchEulerDiscreteScheduler(_FastEulerBase, SchedulerMixin, ConfigMixin):
-    """Drop-in ``FlowMatchEulerDiscreteScheduler`` (SD3, Flux, LTX-Video, HunyuanVideo): same config, API and
-    numbers; x + (σ_next − σ)·v, or with ``stochastic_sampling`` (1 − σ_next)·(x − σ·v) + σ_next·z, as one fused
-    launch. ``fastrev_fixes=True`` applies the shift once in the default ``set_timesteps`` path (diffusers#13243).
+    """Drop-in ``FlowMatchEulerDiscreteScheduler`` (SD3, Flux, LTX-Video, HunyuanVideo): same config (plus
+    ``fastrev_fixes``), API and numbers; x + (σ_next − σ)·v, or with ``stochastic_sampling``
+    (1 − σ_next)·(x − σ·v) + σ_next·z, as one fused launch. ``fastrev_fixes=True`` applies the shift once in the
+    default ``set_timesteps`` path (diffusers#13243).
     """
 
     # diffusers' class lists itself through `compatibles` (its own name); this one lists diffusers' class the same way
@@ -682,8 +700,7 @@ class FastFlowMatchEulerDiscreteScheduler(_FastEulerBase, SchedulerMixin, Config
         stochastic_sampling: bool = False,
         fastrev_fixes: bool = False,
     ):
-        if not isinstance(fastrev_fixes, bool):
-            raise TypeError(f"fastrev_fixes must be a bool, got {type(fastrev_fixes).__name__}")
+        _check_fixes(fastrev_fixes)
         self._init_from_stock(FlowMatchEulerDiscreteScheduler(
             **_stock_kwargs(FlowMatchEulerDiscreteScheduler, type(self), self.config)))
         self.sigma_min = self._stock.sigma_min
