@@ -6,11 +6,12 @@ One line in a pipeline (SDXL, SD 1.x "Euler" / "Euler a", SD3, Flux, LTX-Video, 
     from fastrev.diffusers_euler import FastEulerDiscreteScheduler
     pipe.scheduler = FastEulerDiscreteScheduler.from_config(pipe.scheduler.config)
 
-Each class is a ``SchedulerMixin, ConfigMixin`` subclass with the diffusers class's exact ``__init__`` signature (config
-names and defaults) and ``_compatibles``, so ``from_config`` works in both directions. The schedule itself
-(``set_timesteps``: spacing, Karras / exponential / beta sigmas, shift, dynamic shifting with ``mu``, ``invert_sigmas``,
-``shift_terminal``, custom ``sigmas`` / ``timesteps``, zero terminal SNR ...) is built by an internal instance of the
-diffusers class, so ``timesteps`` and ``sigmas`` are diffusers' own float32 values, bit for bit.
+Each class is a ``SchedulerMixin, ConfigMixin`` subclass with the diffusers class's ``__init__`` signature (config
+names and defaults, plus ``fastrev_fixes``) and compatibles, so ``from_config`` works in both directions. The
+schedule itself (``set_timesteps``: spacing, Karras / exponential / beta sigmas, shift, dynamic shifting with ``mu``,
+``invert_sigmas``, ``shift_terminal``, custom ``sigmas`` / ``timesteps``, zero terminal SNR ...) is built by an
+internal instance of the diffusers class, so ``timesteps`` and ``sigmas`` are diffusers' own float32 values, bit for
+bit.
 
 How a step runs. Every one of these steps is linear in (sample, model output) plus noise::
 
@@ -49,9 +50,10 @@ SIGMA column; x̂₀ = A·(x + c·z) + B·out is a second launch of the same ker
 SIGMA = A·c) with the *same* noise (the same tensor in exact mode, the same counter in fast mode). Without churn (the
 default) the step is one launch.
 
-Backends (``scheduler.backend``, an attribute, not config): ``"auto"`` runs the fused Triton kernel on CUDA and
-``fastrev.ops.fused_step``'s torch path elsewhere (CPU, float64 inputs, autograd); ``"triton"`` forces the kernel
-(CPU tensors under ``TRITON_INTERPRET=1``); ``"torch"`` / ``"reference"`` force the torch path.
+Backends (``scheduler.backend``, an attribute, not config; see :func:`fastrev.ops.resolve_backend`): ``"auto"`` runs
+the fused Triton kernel on CUDA and ``fastrev.ops.fused_step``'s torch update elsewhere (CPU, float64 inputs,
+autograd); ``"triton"`` forces the kernel (CPU tensors under ``TRITON_INTERPRET=1``); ``"torch"`` / ``"reference"``
+force the torch update.
 
 Differences from diffusers (everything else matches):
   * ``pred_original_sample`` has the sample's dtype (diffusers: float32 after its upcast, or ``model_output`` itself
