@@ -168,7 +168,10 @@ def _check_loop(stock, fast, loop_tol=TOL, **kw):
     set_kw = dict(kw.get("set_kw") or {})
     fast2 = type(fast).from_config(fast.config)
     fast2.noise_seed = getattr(fast, "noise_seed", None)
-    fast2.set_timesteps(**set_kw) if "sigmas" in set_kw else fast2.set_timesteps(kw.get("n", 8), **set_kw)
+    if "sigmas" in set_kw:
+        fast2.set_timesteps(**set_kw)
+    else:
+        fast2.set_timesteps(kw.get("n", 8), **set_kw)
     g = torch.Generator().manual_seed(0) if kw.get("gen", True) else None
     for i, (out, t, x, ref) in enumerate(log):
         if hasattr(fast2, "scale_model_input"):
@@ -695,8 +698,10 @@ def tiny_models():
 def _sd3_loop(scheduler, transformer, text, pooled, *, n, set_kw, generator=None, guidance=4.0):
     """The SD3 / Flux denoising loop: set_timesteps(device), CFG over a doubled batch, the timestep expanded to the
     batch for the model, step(noise_pred, t, latents, return_dict=False)[0]."""
-    scheduler.set_timesteps(n, device="cpu", **set_kw) if "sigmas" not in set_kw else \
+    if "sigmas" in set_kw:
         scheduler.set_timesteps(device="cpu", **set_kw)
+    else:
+        scheduler.set_timesteps(n, device="cpu", **set_kw)
     latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(7))
     with torch.no_grad():
         for t in scheduler.timesteps:
