@@ -389,6 +389,24 @@ def test_private_step_index_bookkeeping_like_diffusers():
     _close(res[1][0], res[0][0])
 
 
+@pytest.mark.parametrize("stochastic", [False, True])
+def test_flow_per_token_timesteps_as_diffusers(stochastic):
+    """LTX-Video's per-token timesteps (each token its own σ): diffusers' eager arithmetic, the same numbers."""
+    res = []
+    for cls in (FlowMatchEulerDiscreteScheduler, FastFlowMatchEulerDiscreteScheduler):
+        s = cls(shift=2.0, stochastic_sampling=stochastic)
+        s.set_timesteps(5)
+        x = torch.randn(2, 6, 3, generator=torch.Generator().manual_seed(0))
+        g = torch.Generator().manual_seed(1)
+        for i, t in enumerate(s.timesteps):
+            tok = torch.full((2, 6), float(t))
+            tok[:, :2] = s.timesteps[min(i + 1, 4)]                    # conditioning tokens a step ahead
+            x = s.step(-torch.tanh(x), t, x, per_token_timesteps=tok, generator=g).prev_sample
+        res.append((x, s.step_index))
+    assert res[0][1] == res[1][1] == 5
+    _close(res[1][0], res[0][0])
+
+
 def test_duplicate_timestep_start_takes_second_match():
     """diffusers' rule: a chain starting at a duplicated timestep starts at its second occurrence."""
     res = []
