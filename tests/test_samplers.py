@@ -11,6 +11,7 @@ blows up (SW1 > 600), a flipped −½βx drift gives 0.17 (sde) and 0.85 (ode), 
 63, a flipped score in the Langevin corrector alone 0.12 (test_sign_errors_fail).
 """
 
+import dataclasses
 import math
 import statistics
 
@@ -19,13 +20,14 @@ import torch
 
 import fastrev
 import fastrev.samplers as SM
+import fastrev.sampling.coefficients as SC
+import fastrev.sampling.graph as SG
 from fastrev import noise, ops
 from fastrev import reference as R
 from fastrev import tables as T
 from fastrev.models import GaussianMixture, sliced_wasserstein
-from fastrev.samplers import METHODS, _sample_range, noise_keys, sample
+from fastrev.samplers import METHODS, SampleOptions, _sample_range, noise_keys, sample
 from fastrev.schedule import Schedule
-
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -92,12 +94,12 @@ def _flip_c1(builder, amount):
 
 
 def _bdt(S, k):
-    b, dt = SM._beta_dt(S, k)
+    b, dt = SC.beta_dt(S, k)
     return b * dt
 
 
 def _heun_bdt(S, k):
-    b, dt = SM._beta_dt(S, k)
+    b, dt = SC.beta_dt(S, k)
     at = (torch.arange(len(k)) - 1).clamp_min(0)
     out = 0.5 * b[at] * dt
     out[0] = 0.0
@@ -116,29 +118,29 @@ def test_sign_errors_fail(quality, monkeypatch, case):
         model = lambda x, t: -g(x, t)  # noqa: E731
         steps = 10
     elif case == "sde-drift":
-        monkeypatch.setattr(SM, "sde_table", _flip_c1(SM.sde_table, _bdt))
+        monkeypatch.setattr(SC, "sde_table", _flip_c1(SC.sde_table, _bdt))
         kw["method"] = "sde"
     elif case == "ode-drift":
-        monkeypatch.setattr(SM, "ode_euler_table", _flip_c1(SM.ode_euler_table, _bdt))
-        monkeypatch.setattr(SM, "ode_heun_table", _flip_c1(SM.ode_heun_table, _heun_bdt))
+        monkeypatch.setattr(SC, "ode_euler_table", _flip_c1(SC.ode_euler_table, _bdt))
+        monkeypatch.setattr(SC, "ode_heun_table", _flip_c1(SC.ode_heun_table, _heun_bdt))
         kw["method"] = "ode"
     elif case == "heun-stage2-score":
-        orig = SM.ode_heun_table
+        orig = SC.ode_heun_table
 
         def bad(S, k, Rs, pt="epsilon", clip=False):
             tab = orig(S, k, Rs, pt, clip)
             tab[1:, T.COL["C2"]] *= -1
             return tab
-        monkeypatch.setattr(SM, "ode_heun_table", bad)
+        monkeypatch.setattr(SC, "ode_heun_table", bad)
         kw["method"] = "ode"
     else:
-        orig = SM.pc_corrector_table
+        orig = SC.pc_corrector_table
 
         def bad(R_, pt="epsilon", clip=False, snr=0.16):
             tab = orig(R_, pt, clip, snr)
             tab[:, T.COL["C2"]] *= -1
             return tab
-        monkeypatch.setattr(SM, "pc_corrector_table", bad)
+        monkeypatch.setattr(SC, "pc_corrector_table", bad)
         kw["method"] = "pc"
     x = sample(model, (N_Q, 2), s, num_steps=steps, seed=0, **kw)
     assert _sw(x, quality["data"]) > quality["thr"]
@@ -278,7 +280,7 @@ def test_learned_variances(vt):
     """ddpm with a learned variance that equals β̃ is ddpm fixed_small; other methods use the first C channels."""
     s, g = _small()
     k, Rs = _respaced(s, 6)
-    logv = dict(zip(Rs.timesteps.tolist(), Rs.posterior_log_variance_clipped.tolist()))
+    logv = dict(zip(Rs.timesteps.tolist(), Rs.posterior_log_variance_clipped.tolist(), strict=True))
 
     def model(x, t):
         eps = g(x, t)
@@ -449,6 +451,32 @@ def test_low_precision_state(quality, dtype):
 
 def test_top_level_export():
     assert fastrev.sample is sample and fastrev.models.GaussianMixture is GaussianMixture
+    # the compatibility module keeps its names (the code lives in fastrev.sampling)
+    assert SM.sample is fastrev.sampling.sample and SM._sample_range is fastrev.sampling.sample_range
+    assert SM.sde_table is SC.sde_table and SM.noise_keys is noise_keys and SM.SampleOptions is SampleOptions
+
+
+# ------------------------------------------------------------------------------------------------ options as data
+def test_options_object_is_frozen_validated_and_reusable():
+    s, g = _small()
+    opts = SampleOptions(method="pc", num_steps=4, seed=5)
+    # method defaults are resolved once, on construction
+    assert (opts.snr, opts.corrector_steps, opts.corrector_norms) == (0.16, 1, "expected")
+    assert (opts.prediction_type, opts.timestep_spacing) == ("epsilon", "leading")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        opts.seed = 3
+    a = sample(g, (4, 3), s, opts)
+    assert torch.equal(a, sample(g, (4, 3), s, method="pc", num_steps=4, seed=5))
+    # keywords replace the object's fields (validated again)
+    assert torch.equal(sample(g, (4, 3), s, opts, seed=6), sample(g, (4, 3), s, method="pc", num_steps=4, seed=6))
+    with pytest.raises(ValueError, match="snr must be a finite number > 0"):
+        sample(g, (4, 3), s, opts, snr=-1.0)
+    with pytest.raises(ValueError, match="snr only applies to method='pc'"):
+        SampleOptions(method="ddim", snr=0.2)
+    with pytest.raises(TypeError, match="unknown sampling option.*'steps'"):
+        sample(g, (4, 3), s, steps=4)
+    with pytest.raises(TypeError, match="options must be a fastrev.sampling.SampleOptions"):
+        sample(g, (4, 3), s, {"method": "pc"})
 
 
 # ------------------------------------------------------------------------------------------------ CUDA graphs
@@ -472,8 +500,8 @@ class _EmulatedGraph:
 
 @pytest.mark.parametrize("kw", ALL_RUNS + [dict(method="ode", ode_solver="euler")])
 def test_graph_step_reads_everything_from_device_buffers(monkeypatch, kw):
-    monkeypatch.setattr(SM, "_GRAPH_IMPL", _EmulatedGraph)
-    monkeypatch.setattr(SM, "_check_graph_support", lambda device, fused: None)
+    monkeypatch.setattr(SG, "GRAPH_IMPL", _EmulatedGraph)
+    monkeypatch.setattr(SG, "check_graph_support", lambda device, fused: None)
     s, g = _small()
     seen_a, seen_b = [], []
     a = sample(g, (5, 3), s, num_steps=5, seed=2, batch_size=3, callback=lambda *c: seen_a.append(c[1]), **kw)
