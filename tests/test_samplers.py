@@ -13,6 +13,7 @@ blows up (SW1 > 600), a flipped −½βx drift gives 0.17 (sde) and 0.85 (ode), 
 
 import dataclasses
 import math
+import re
 import statistics
 
 import pytest
@@ -325,6 +326,33 @@ def test_fused_matches_reference(kernel_device, method, kw):
     assert rel <= 1e-5, rel
 
 
+def test_backends_are_the_ops_vocabulary(monkeypatch):
+    """sample() accepts exactly ops.BACKENDS and leaves the choice to ops.resolve_backend (no logic of its own); the
+    eager backends agree with the reference."""
+    from fastrev.sampling import plan as P
+    s, g = _small()
+    assert SM.SAMPLER_BACKENDS == ops.BACKENDS
+    ref = sample(g, (5, 3), s, method="ddpm", num_steps=4, seed=1, backend="reference")
+    for b in ops.BACKENDS:
+        if b == "triton":
+            continue
+        x = sample(g, (5, 3), s, method="ddpm", num_steps=4, seed=1, backend=b)
+        assert ((x - ref).abs().max() / ref.abs().max()).item() <= 1e-5, b
+    seen = []
+    real = ops.resolve_backend
+
+    def spy(backend, device, **kw):
+        seen.append(backend)
+        return real(backend, device, **kw)
+    monkeypatch.setattr(ops, "resolve_backend", spy)
+    sample(g, (2, 3), s, num_steps=2, backend="auto")
+    assert seen == ["auto"]
+    # the table dtype follows the ops' rule when they define one, else float64 for the reference only
+    assert P.table_dtype("reference") == torch.float64 and P.table_dtype("triton") == torch.float32
+    monkeypatch.setattr(ops, "table_dtype", lambda backend: torch.float64, raising=False)
+    assert P.table_dtype("triton") == torch.float64
+
+
 def test_fused_batch_size_invariance(kernel_device):
     g = _small()[1]
     s = g.schedule
@@ -563,7 +591,7 @@ BAD = [
     (dict(method="sde", corrector_steps=2), ValueError, "corrector_steps only applies to method='pc'"),
     (dict(method="ode", ode_solver="rk4"), ValueError, r"ode_solver must be one of \('heun', 'euler'\)"),
     (dict(method="sde", ode_solver="heun"), ValueError, "ode_solver only applies to method='ode'"),
-    (dict(backend="cuda"), ValueError, r"backend must be one of \('auto', 'triton', 'reference'\)"),
+    (dict(backend="cuda"), ValueError, "backend must be one of " + re.escape(str(ops.BACKENDS))),
     (dict(backend="triton", dtype=torch.float64), TypeError, "backend='triton' computes in float32"),
 ]
 

@@ -164,9 +164,9 @@ def sample(model: Callable, shape, schedule: Schedule, options: Optional[SampleO
             per-sample: a reduction pass; biased in low dimension, see :mod:`fastrev.sampling`).
         ode_solver: "heun" (default) or "euler" (method "ode" only).
         shift: the flow grid's shift (default 1: none), σ = shift·u/(1 + (shift − 1)·u) (method "flow_euler" only).
-        backend: one of ``fastrev.ops.BACKENDS``, resolved by ``ops.resolve_backend``: "auto" (default; the fused
-            kernel on CUDA), "triton" (the kernel; the Triton interpreter on CPU), "torch" / "reference" (the same
-            table update in eager torch; "reference" in float64).
+        backend: one of ``fastrev.ops.BACKENDS``, resolved by ``ops.resolve_backend`` and run by
+            ``ops.fused_step``: "auto" (default; the fused kernel on CUDA), "triton" (the kernel; the Triton
+            interpreter on CPU), "torch" (the same table update in eager torch) or "reference" (eager, float64).
         check_finite: after every step, check the state for NaN/Inf (a host sync per step) and raise
             ``FloatingPointError`` naming the step where a non-finite value first appeared.
 

@@ -14,6 +14,7 @@ from typing import Callable, Optional
 
 import torch
 
+from .. import ops
 from ..ops import _check_choice as _choice
 from ..reference import PREDICTION_TYPES, VARIANCE_TYPES
 from ..schedule import TIMESTEP_SPACINGS
@@ -28,7 +29,7 @@ FLOW_METHODS = ()
 METHODS = VP_METHODS + FLOW_METHODS
 CORRECTOR_NORMS = ("expected", "sample")
 ODE_SOLVERS = ("heun", "euler")
-SAMPLER_BACKENDS = ("auto", "triton", "reference")
+SAMPLER_BACKENDS = ops.BACKENDS                 # one vocabulary: exactly the ops' backends
 FLOW_PREDICTION = "flow_prediction"             # diffusers' name for a velocity (ε − x₀) output
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 DEFAULT_SNR = 0.16
@@ -126,7 +127,7 @@ class SampleOptions:
         if self.dtype not in DTYPES:
             raise TypeError(f"dtype must be one of torch.float16, torch.bfloat16, torch.float32, torch.float64, "
                             f"got {self.dtype!r}")
-        _choice("backend", self.backend, SAMPLER_BACKENDS)
+        _choice("backend", self.backend, ops.BACKENDS)       # the ops' vocabulary, read at call time
         self._pc()
         _only_for("ode_solver", self.ode_solver, m, ("ode",))
         if m == "ode":
