@@ -22,9 +22,9 @@ from ..schedule import TIMESTEP_SPACINGS
 __all__ = ["SampleOptions", "METHODS", "VP_METHODS", "FLOW_METHODS", "CORRECTOR_NORMS", "ODE_SOLVERS",
            "SAMPLER_BACKENDS", "FLOW_PREDICTION", "DTYPES"]
 
-VP_METHODS = ("ddpm", "ddim", "sde", "ode", "pc")
+VP_METHODS = ("ddpm", "ddim", "sde", "ode", "pc", "euler", "euler_a")
 """Methods for a model of the VP (DDPM) forward process x_t = √ᾱ x₀ + √(1 − ᾱ) ε, fed int training timesteps."""
-FLOW_METHODS = ()
+FLOW_METHODS = ("flow_euler",)
 """Methods for a velocity model of the rectified-flow path x_σ = (1 − σ) x₀ + σ ε, fed float timesteps σ·N."""
 METHODS = VP_METHODS + FLOW_METHODS
 CORRECTOR_NORMS = ("expected", "sample")
