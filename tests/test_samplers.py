@@ -612,6 +612,12 @@ def test_options_object_is_frozen_validated_and_reusable():
         sample(g, (4, 3), s, opts, snr=-1.0)
     with pytest.raises(ValueError, match="snr only applies to method='pc'"):
         SampleOptions(method="ddim", snr=0.2)
+    # switching the method re-derives the defaults the caller left unset (pc's snr, the flow's prediction type)
+    assert torch.equal(sample(g, (4, 3), s, opts, method="ddim"), sample(g, (4, 3), s, method="ddim", num_steps=4,
+                                                                        seed=5))
+    f = opts.replace(method="flow_euler")
+    assert (f.prediction_type, f.timestep_spacing, f.snr, f.shift) == ("flow_prediction", None, None, 1.0)
+    assert opts.replace(snr=0.3).snr == 0.3 and opts.snr == 0.16
     with pytest.raises(TypeError, match="unknown sampling option.*'steps'"):
         sample(g, (4, 3), s, steps=4)
     with pytest.raises(TypeError, match="options must be a fastrev.sampling.SampleOptions"):

@@ -36,7 +36,7 @@ def resolve_options(options: Optional[SampleOptions], kwargs: dict) -> SampleOpt
         return SampleOptions(**kwargs)
     if not isinstance(options, SampleOptions):
         raise TypeError(f"options must be a fastrev.sampling.SampleOptions or None, got {type(options).__name__}")
-    return dataclasses.replace(options, **kwargs) if kwargs else options
+    return options.replace(**kwargs) if kwargs else options
 
 
 def _resolve_device(model, device) -> torch.device:

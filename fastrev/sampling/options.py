@@ -61,9 +61,9 @@ class SampleOptions:
 
     Built once and validated on construction (``TypeError``/``ValueError`` naming the option); fields left ``None``
     take the method's default here (``prediction_type``, ``timestep_spacing``, ``snr``, ``corrector_steps``,
-    ``corrector_norms``, ``ode_solver``, ``shift``), so a built object holds the values the run uses. Use
-    ``dataclasses.replace(opts, ...)`` to derive a variant (validated again). See :func:`fastrev.sample` for the
-    meaning of each field.
+    ``corrector_norms``, ``ode_solver``, ``shift``), so a built object holds the values the run uses. Derive a variant
+    with :meth:`replace` (validated again; method defaults the caller left unset are re-derived for the new method,
+    which ``dataclasses.replace`` would carry over). See :func:`fastrev.sample` for the meaning of each field.
     """
 
     method: str = "ddpm"
@@ -89,6 +89,8 @@ class SampleOptions:
     check_finite: bool = False
 
     def __post_init__(self):
+        # the values as given (before the method defaults are filled in), for replace()
+        object.__setattr__(self, "_given", {f.name: getattr(self, f.name) for f in dataclasses.fields(self)})
         m = self.method
         _choice("method", m, METHODS)
         flow = m in FLOW_METHODS
@@ -192,6 +194,11 @@ class SampleOptions:
         self._set("snr", snr)
         self._set("corrector_steps", steps)
         self._set("corrector_norms", norms)
+
+    def replace(self, **changes) -> "SampleOptions":
+        """A new validated object with ``changes`` applied to the options as originally given (so switching
+        ``method`` re-derives the defaults it depends on)."""
+        return SampleOptions(**{**self._given, **changes})
 
     # ----------------------------------------------------------------------------------------- derived
     @property
