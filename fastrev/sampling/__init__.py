@@ -61,7 +61,9 @@ clipped x̂₀, ε̂ = (x − √ᾱ x̂₀)/√(1 − ᾱ), as improved-diffusi
   scalings fold into the table: x' = √(ᾱ'/ᾱ)·x + √ᾱ'(σ' − σ)·ε̂ (ᾱ' = ᾱ_{i−1}, 1 after the last step; σ' likewise,
   0 after the last). x_T = z here is x̃_T = √(σ_max² + 1)·z: diffusers' ``init_noise_sigma`` for "leading" spacing
   (for "linspace"/"trailing" diffusers starts from σ_max·z, which differs by the factor √(1 − ᾱ_max)). In exact
-  arithmetic this is DDIM(η = 0) (tests hold the two to float64 rounding).
+  arithmetic this is DDIM(η = 0) (tests hold the two to float64 rounding). The timesteps are the integer respaced
+  ones of every VP method: for "leading"/"trailing" diffusers' Euler schedulers visit the same σ (checked against
+  diffusers 0.42 loops: equal to float32 rounding); its "linspace" keeps fractional timesteps and interpolates σ.
 * ``euler_a``: σ-space Euler-ancestral with η = 1 (k-diffusion ``sample_euler_ancestral``, diffusers
   ``EulerAncestralDiscreteScheduler``): σ_up = σ'·√((σ² − σ'²)/σ²), σ_down = √(σ'² − σ_up²),
   x̃ ← x̃ + (σ_down − σ)·ε̂ + σ_up·z, i.e. x' = √(ᾱ'/ᾱ)·x + √ᾱ'(σ_down − σ)·ε̂ + √ᾱ'σ_up·z; no noise on the last
