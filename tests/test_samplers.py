@@ -510,6 +510,13 @@ def test_noise_keys_never_repeat(monkeypatch):
     assert {k for _, k in seen} == want
     assert len(want) == 1 + N + C * N
     assert {i for i, _ in seen} == set(range(4))
+    # euler_a draws at the predictor keys (row i: key i); euler and flow_euler only x_T
+    for kw, want in ((dict(method="euler_a"), {N} | set(range(N))), (dict(method="euler"), {N}),
+                     (dict(method="flow_euler"), {N})):
+        seen.clear()
+        s2, g2 = _small_for(kw)
+        sample(g2, (4, 3), s2, num_steps=N, batch_size=3, **kw)
+        assert {k for _, k in seen} == want and len(seen) == len(set(seen)), kw
 
 
 # ------------------------------------------------------------------------------------------------ model, callback, bar
