@@ -126,7 +126,7 @@ def _gather(local: torch.Tensor, shape: tuple, world: int) -> torch.Tensor:
     buf[: local.shape[0]] = local
     parts = [torch.empty_like(buf) for _ in range(world)]
     dist.all_gather(parts, buf)
-    return torch.cat([p[:c] for p, c in zip(parts, counts)])
+    return torch.cat([p[:c] for p, c in zip(parts, counts, strict=True)])
 
 
 def load_shards(shard_dir: str | os.PathLike) -> torch.Tensor:

@@ -16,6 +16,21 @@ and the optimal ε-, x₀- and v-predictors follow (score–noise equivalence of
     x₀*(x, t) = E[x₀ | x_t = x] = Σ_k r_k (μ_k + √ᾱ_t s_k² / v_k · (x − √ᾱ_t μ_k))
     v*(x, t)  = √ᾱ_t ε* − √(1 − ᾱ_t) x₀*
 
+Other paths. Every path x = a·x₀ + b·ε keeps the mixture form, p(x) = Σ_k w_k N(x; a μ_k, (a² s_k² + b²) I), and
+has the closed-form posterior means (:meth:`GaussianMixture.posterior`)
+
+    E[x₀ | x] = Σ_k r_k (μ_k + a s_k² / V_k · (x − a μ_k)),    E[ε | x] = Σ_k r_k b / V_k · (x − a μ_k),
+    V_k = a² s_k² + b².
+
+* Rectified flow (flow matching; SD3, Flux): x_σ = (1 − σ)x₀ + σε, σ ∈ [0, 1], marginal :meth:`flow_marginal`, and
+  the exact velocity v*(x, σ) = E[ε − x₀ | x_σ = x] (:meth:`velocity`; well defined at both ends: −x at σ = 0,
+  x − E[x₀] at σ = 1). ``prediction_type="flow_prediction"`` makes the model return it, fed diffusers' float
+  timesteps t = σ·num_train_timesteps.
+* σ-space (VE / EDM, k-diffusion, diffusers' Euler schedulers): x̃ = x₀ + σε with σ = √((1 − ᾱ)/ᾱ), marginal
+  :meth:`sigma_marginal`, ε*(x̃, σ) = E[ε | x̃] (:meth:`eps_sigma`). diffusers' Euler schedulers feed the model
+  x̃/√(σ² + 1) = √ᾱ·x̃, the VP sample: so ε*(x̃, σ) = ε*_VP(x̃/√(σ² + 1), ᾱ = 1/(σ² + 1)), and the VP model
+  serves the σ-space samplers unchanged.
+
 A sampler run with the exact predictor must give back the mixture (up to its discretisation error), which
 :func:`sliced_wasserstein` measures against fresh draws of the data.
 """
@@ -30,7 +45,7 @@ from .schedule import Schedule
 
 __all__ = ["GaussianMixture", "sliced_wasserstein"]
 
-_PREDICTIONS = ("epsilon", "sample", "v_prediction")
+_PREDICTIONS = ("epsilon", "sample", "v_prediction", "flow_prediction")
 
 
 def _f64_tensor(v, name):
@@ -52,10 +67,13 @@ class GaussianMixture:
         stds: component standard deviations s_k > 0: a number (shared) or [K].
         weights: mixture weights w_k ≥ 0 ([K], normalised here); None: uniform.
         schedule: the *training* schedule whose ᾱ the timesteps fed to ``__call__`` index (default: linear, 1000).
-        prediction_type: what ``__call__`` returns: "epsilon" (ε*), "sample" (x₀*) or "v_prediction" (v*).
+        prediction_type: what ``__call__`` returns: "epsilon" (ε*), "sample" (x₀*) or "v_prediction" (v*) of the VP
+            process, or "flow_prediction" (the rectified-flow velocity v*(x, σ) = E[ε − x₀ | x_σ]).
 
     ``model(x, t)`` takes x of shape [B, ...] with d elements per sample (any dtype/device) and int64 training
-    timesteps t ([B], or a scalar), computes in float64 and returns the prediction in x's dtype, on x's device.
+    timesteps t ([B], or a scalar) — for "flow_prediction" float timesteps t = σ·num_train_timesteps of
+    ``schedule`` (diffusers' flow-matching convention) —, computes in float64 and returns the prediction in x's
+    dtype, on x's device.
     Each call is per sample: the prediction for a sample never depends on the other samples of the batch.
     ``num_calls`` counts the calls (model evaluations).
     """
@@ -179,6 +197,65 @@ class GaussianMixture:
         post = mu[None, :, :] + gain[:, :, None] * diff                  # [B, K, d]
         return (r[:, :, None] * post).sum(1).reshape(x.shape)
 
+    # ------------------------------------------------------------------ any path x = a·x₀ + b·ε
+    def _coef(self, v, B, device, name, lo=0.0, hi=None) -> torch.Tensor:
+        """A number or [B] tensor as float64 [B, 1], range-checked when it is a Python number."""
+        if not isinstance(v, torch.Tensor):
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise TypeError(f"{name} must be a number or a [B] tensor, got {type(v).__name__}")
+            if not (v >= lo and (hi is None or v <= hi)):
+                raise ValueError(f"{name} must be in [{lo}, {'∞' if hi is None else hi}], got {v}")
+        return self._alpha_bar(v, B, device)
+
+    def posterior(self, x: torch.Tensor, a, b):
+        """(E[x₀ | x], E[ε | x]) for the path x = a·x₀ + b·ε (a, b: numbers or per-sample [B]); float64, shaped like
+        x. The marginal along the path is the mixture with means a·μ_k and variances a² s_k² + b²."""
+        xf = self._flat(x)
+        B = xf.shape[0]
+        a = self._coef(a, B, xf.device, "a")
+        b = self._coef(b, B, xf.device, "b")
+        mu, s2, logw, _ = self._params(xf.device)
+        V = a * a * s2[None, :] + b * b                                  # [B, K]
+        diff = xf[:, None, :] - a[:, :, None] * mu[None, :, :]           # [B, K, d]
+        logits = logw[None, :] - 0.5 * diff.pow(2).sum(-1) / V - 0.5 * self.dim * torch.log(2 * math.pi * V)
+        r = torch.softmax(logits, dim=1)[:, :, None]                     # [B, K, 1]
+        x0 = (r * (mu[None] + (a * s2[None, :] / V)[:, :, None] * diff)).sum(1)
+        eps = (r * (b / V)[:, :, None] * diff).sum(1)
+        return x0.reshape(x.shape), eps.reshape(x.shape)
+
+    def velocity(self, x: torch.Tensor, sigma) -> torch.Tensor:
+        """The exact rectified-flow velocity v*(x, σ) = E[ε − x₀ | x_σ = x] on x_σ = (1 − σ)x₀ + σε, σ ∈ [0, 1]
+        (a number or per-sample [B]); float64, shaped like x."""
+        xf = self._flat(x)
+        s = self._coef(sigma, xf.shape[0], xf.device, "sigma", 0.0, 1.0)
+        x0, eps = self.posterior(x, (1.0 - s)[:, 0], s[:, 0])
+        return eps - x0
+
+    def eps_sigma(self, x: torch.Tensor, sigma) -> torch.Tensor:
+        """The exact σ-space noise prediction ε*(x̃, σ) = E[ε | x̃] on x̃ = x₀ + σε (VE / EDM / k-diffusion; σ a
+        number >= 0 or per-sample [B]); float64, shaped like x. Equals :meth:`eps` at x̃/√(σ² + 1), ᾱ = 1/(σ² + 1)
+        (diffusers' Euler ``scale_model_input``)."""
+        xf = self._flat(x)
+        s = self._coef(sigma, xf.shape[0], xf.device, "sigma", 0.0)
+        return self.posterior(x, 1.0, s[:, 0])[1]
+
+    def _path_marginal(self, a: float, b: float) -> "GaussianMixture":
+        return GaussianMixture(a * self.means, (a * a * self.stds**2 + b * b).sqrt(), self.weights,
+                               schedule=self.schedule)
+
+    def flow_marginal(self, sigma: float) -> "GaussianMixture":
+        """The exact distribution of x_σ = (1 − σ)x₀ + σε (σ in [0, 1]): the mixture with means (1 − σ)μ_k and
+        standard deviations √((1 − σ)² s_k² + σ²), same weights."""
+        if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not 0 <= sigma <= 1:
+            raise ValueError(f"sigma must be a number in [0, 1], got {sigma!r}")
+        return self._path_marginal(1.0 - float(sigma), float(sigma))
+
+    def sigma_marginal(self, sigma: float) -> "GaussianMixture":
+        """The exact distribution of x̃ = x₀ + σε (σ >= 0): means μ_k, standard deviations √(s_k² + σ²)."""
+        if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not 0 <= sigma < math.inf:
+            raise ValueError(f"sigma must be a finite number >= 0, got {sigma!r}")
+        return self._path_marginal(1.0, float(sigma))
+
     def log_prob(self, x: torch.Tensor, alpha_bar=1.0) -> torch.Tensor:
         """log p_t(x) per sample (float64 [B]); ``alpha_bar=1`` is the data density itself."""
         xf = self._flat(x)
@@ -186,10 +263,13 @@ class GaussianMixture:
         return torch.logsumexp(self._moments(xf, a)[3], dim=1)
 
     def __call__(self, x: torch.Tensor, t) -> torch.Tensor:
-        """The exact prediction (``prediction_type``) for x [B, ...] at int training timesteps t ([B] or scalar)."""
+        """The exact prediction (``prediction_type``) for x [B, ...] at training timesteps t ([B] or scalar): ints
+        indexing the schedule, or for "flow_prediction" floats t = σ·num_train_timesteps."""
         self.num_calls += 1
         xf = self._flat(x)
         B = xf.shape[0]
+        if self.prediction_type == "flow_prediction":
+            return self.velocity(x, self._flow_sigma(t, B, x.device)).to(x.dtype)
         if isinstance(t, int) and not isinstance(t, bool):
             t = torch.full((B,), t, dtype=torch.int64, device=x.device)
         if not isinstance(t, torch.Tensor) or t.dtype.is_floating_point or t.dtype == torch.bool:
@@ -204,6 +284,20 @@ class GaussianMixture:
             a2 = a.reshape((B,) + (1,) * (x.dim() - 1))
             out = a2.sqrt() * self.eps(x, a) - (1 - a2).sqrt() * self.x0(x, a)
         return out.to(x.dtype)
+
+    def _flow_sigma(self, t, B, device) -> torch.Tensor:
+        """σ = t / num_train_timesteps as float64 [B], checked to lie in [0, 1]."""
+        n = float(self.schedule.num_train_timesteps)
+        if isinstance(t, (int, float)) and not isinstance(t, bool):
+            t = torch.tensor([float(t)], dtype=torch.float64)
+        if not isinstance(t, torch.Tensor) or t.dtype in (torch.bool,) or t.dtype.is_complex:
+            raise TypeError(f"t must be a number or a real tensor of flow timesteps σ·{n:g}, got {t!r}")
+        sigma = t.to(device=device, dtype=torch.float64).reshape(-1) / n
+        if sigma.numel() not in (1, B):
+            raise ValueError(f"t must be a scalar or have shape [{B}], got {tuple(t.shape)}")
+        if t.device.type == "cpu" and not bool(((sigma >= 0) & (sigma <= 1)).all()):
+            raise ValueError(f"flow timesteps t must be in [0, {n:g}] (σ = t/{n:g} in [0, 1]), got {t.tolist()}")
+        return sigma.expand(B)
 
     # ------------------------------------------------------------------ data
     def sample(self, n: int, generator: torch.Generator | None = None, dtype=torch.float64,

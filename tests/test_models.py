@@ -8,7 +8,6 @@ import torch
 from fastrev.models import GaussianMixture, sliced_wasserstein
 from fastrev.schedule import Schedule
 
-
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
@@ -163,3 +162,94 @@ def test_bad_inputs(gmm):
         sliced_wasserstein(torch.zeros(3, 2), torch.zeros(3, 3))
     with pytest.raises(ValueError, match="num_projections must be an int >= 1"):
         sliced_wasserstein(torch.zeros(3, 2), torch.zeros(3, 2), num_projections=0)
+
+
+# ------------------------------------------------------------------------------------------------ other paths
+@pytest.mark.parametrize("ab", [0.9, 0.3, 0.01])
+def test_path_posterior_is_the_vp_closed_form(gmm, ab):
+    """posterior(x, √ᾱ, √(1 − ᾱ)) is the VP model's x₀* and ε* (one formula for every path)."""
+    x = torch.randn(6, 3, generator=_gen(20), dtype=torch.float64)
+    x0, eps = gmm.posterior(x, math.sqrt(ab), math.sqrt(1 - ab))
+    _assert_close(x0, gmm.x0(x, ab), rtol=1e-12, atol=1e-12)
+    _assert_close(eps, gmm.eps(x, ab), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("sigma", [0.3, 0.8])
+def test_flow_marginal_is_the_law_of_the_path(gmm, sigma):
+    """x_σ = (1 − σ)x₀ + σε of mixture draws has the law flow_marginal(σ): means (1 − σ)μ_k, variances
+    (1 − σ)² s_k² + σ² (checked against draws of that mixture, and its density against the explicit mixture)."""
+    x0 = gmm.sample(2000, _gen(21))
+    xs = (1 - sigma) * x0 + sigma * torch.randn(x0.shape, generator=_gen(22), dtype=torch.float64)
+    m = gmm.flow_marginal(sigma)
+    ref = m.sample(2000, _gen(23))
+    dd = sliced_wasserstein(m.sample(2000, _gen(24)), ref)
+    assert sliced_wasserstein(xs, ref) < 2.5 * dd
+    explicit = GaussianMixture((1 - sigma) * gmm.means, ((1 - sigma) ** 2 * gmm.stds**2 + sigma**2).sqrt(),
+                               gmm.weights, schedule=gmm.schedule)
+    pts = torch.randn(11, 3, generator=_gen(25), dtype=torch.float64)
+    _assert_close(m.log_prob(pts), explicit.log_prob(pts), rtol=1e-12, atol=1e-12)
+    # a wrong scaling of the path (means not shrunk) is far off: the check can fail
+    wrong = GaussianMixture(gmm.means, m.stds, gmm.weights, schedule=gmm.schedule)
+    assert sliced_wasserstein(xs, wrong.sample(2000, _gen(26))) > 2.5 * dd
+
+
+@pytest.mark.parametrize("sigma", [0.05, 0.5, 0.95])
+def test_velocity_from_the_score_of_the_flow_marginal(gmm, sigma):
+    """Independent of the closed form: with p_σ = flow_marginal(σ) and autograd's ∇log p_σ, Tweedie gives
+    E[ε|x] = −σ ∇log p_σ and E[x₀|x] = (x − σ E[ε|x])/(1 − σ), so v* = E[ε|x] − E[x₀|x]."""
+    x = torch.randn(7, 3, generator=_gen(27), dtype=torch.float64).requires_grad_()
+    gmm.flow_marginal(sigma).log_prob(x).sum().backward()
+    xd = x.detach()
+    e = -sigma * x.grad
+    want = e - (xd - sigma * e) / (1 - sigma)
+    _assert_close(gmm.velocity(xd, sigma), want, rtol=1e-9, atol=1e-9)
+
+
+def test_velocity_is_the_mmse_regressor_and_its_ends(gmm):
+    """v* minimises E‖(ε − x₀) − f(x_σ)‖² (Monte Carlo, common draws); at σ = 0 it is −x, at σ = 1 x − E[x₀]."""
+    sigma = 0.4
+    x0 = gmm.sample(20000, _gen(28))
+    eps = torch.randn(x0.shape, generator=_gen(29), dtype=torch.float64)
+    xs = (1 - sigma) * x0 + sigma * eps
+    v = gmm.velocity(xs, sigma)
+    best = (eps - x0 - v).pow(2).sum(1).mean()
+    for f in (0.9 * v, 1.1 * v, v + 0.05, -v, gmm.velocity(xs, 0.5)):
+        assert (eps - x0 - f).pow(2).sum(1).mean() > best
+    x = torch.randn(5, 3, generator=_gen(30), dtype=torch.float64)
+    _assert_close(gmm.velocity(x, 0.0), -x, rtol=1e-12, atol=1e-12)
+    mean = (gmm.weights[:, None] * gmm.means).sum(0)
+    _assert_close(gmm.velocity(x, 1.0), x - mean, rtol=1e-12, atol=1e-12)
+    per = torch.tensor([0.0, 0.2, 0.4, 0.6, 1.0], dtype=torch.float64)          # per-sample σ
+    _assert_close(gmm.velocity(x, per)[2:3], gmm.velocity(x[2:3], 0.4), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("sigma", [0.05, 1.0, 30.0])
+def test_eps_sigma_is_the_scaled_vp_predictor(gmm, sigma):
+    """σ-space ε*(x̃, σ) (x̃ = x₀ + σε) is the VP ε* at diffusers' scaled input x̃/√(σ² + 1), ᾱ = 1/(σ² + 1), and
+    −σ ∇log of sigma_marginal(σ) (autograd)."""
+    xt = (gmm.sample(6, _gen(31)) + sigma * torch.randn(6, 3, generator=_gen(32), dtype=torch.float64))
+    got = gmm.eps_sigma(xt, sigma)
+    c = 1 / math.sqrt(sigma**2 + 1)
+    _assert_close(got, gmm.eps(c * xt, c * c), rtol=1e-10, atol=1e-10)
+    x = xt.clone().requires_grad_()
+    gmm.sigma_marginal(sigma).log_prob(x).sum().backward()
+    _assert_close(got, -sigma * x.grad, rtol=1e-9, atol=1e-9)
+
+
+def test_call_flow_prediction(gmm):
+    g = GaussianMixture(gmm.means, gmm.stds, gmm.weights, schedule=gmm.schedule, prediction_type="flow_prediction")
+    x = torch.randn(4, 3, generator=_gen(33))
+    t = torch.tensor([1000.0, 750.0, 20.0, 0.0])
+    out = g(x, t)
+    assert out.dtype == torch.float32 and out.shape == x.shape
+    _assert_close(out, gmm.velocity(x, t.double() / 1000).float(), rtol=1e-6, atol=1e-6)
+    _assert_close(g(x, 500.0), g(x, torch.full((4,), 500.0)))
+    _assert_close(g(x, 500), g(x, torch.full((4,), 500.0)))
+    with pytest.raises(ValueError, match=r"flow timesteps t must be in \[0, 1000\]"):
+        g(x, torch.full((4,), 1001.0))
+    with pytest.raises(ValueError, match=r"sigma must be a number in \[0, 1\]"):
+        gmm.flow_marginal(1.5)
+    with pytest.raises(ValueError, match=r"sigma must be in \[0.0, 1.0\]"):
+        gmm.velocity(x, -0.1)
+    with pytest.raises(ValueError, match="sigma must be a finite number >= 0"):
+        gmm.sigma_marginal(-1.0)

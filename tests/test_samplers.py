@@ -1,6 +1,6 @@
-"""fastrev.sample: every method recovers a Gaussian mixture whose exact ε-predictor is known, agrees with an
-independent step-by-step run of fastrev.reference, runs the same on the fused kernel (Triton interpreter on CPU), and
-never depends on the batch split.
+"""fastrev.sample: every method recovers a Gaussian mixture whose exact ε-predictor (velocity, for flow_euler) is
+known, agrees with an independent step-by-step run of fastrev.reference (or of the closed-form σ-space / flow
+updates), runs the same on the fused kernel (Triton interpreter on CPU), and never depends on the batch split.
 
 Quality thresholds. A perfect sampler returns i.i.d. draws of the data, so its sliced W1 distance to a fresh draw of
 the data has the distribution of the data-vs-data distance at the same sample size. We estimate that null
@@ -8,10 +8,16 @@ distribution from 8 independent pairs of data draws and accept SW1(samples, data
 n = 2000 for the 2-D demo mixture, whose data-vs-data distance is ≈ 0.03 ± 0.013). The samplers, respaced to 50
 steps, measure 0.037–0.051 here (discretisation bias included); every sign error tried fails it: the negated score
 blows up (SW1 > 600), a flipped −½βx drift gives 0.17 (sde) and 0.85 (ode), a flipped score in Heun's second stage
-63, a flipped score in the Langevin corrector alone 0.12 (test_sign_errors_fail).
+63, a flipped score in the Langevin corrector alone 0.12 (test_sign_errors_fail). The σ-space and flow methods
+(euler, euler_a, flow_euler with the mixture's exact ε / velocity) measure 0.037–0.046; their deliberately wrong
+tables fail: Euler's step sign flipped 2.8e4, its input scaling √(ᾱ'/ᾱ) dropped 0.85, Euler-ancestral's step sign
+2.1e6 and its noise doubled 0.14, the flow step's sign 1.37, half flow steps 0.14, the shift left out of the steps
+0.27; negated models 1.6e3 (euler), 5.8e3 (euler_a), 1.47 (flow_euler).
 """
 
+import dataclasses
 import math
+import re
 import statistics
 
 import pytest
@@ -19,13 +25,14 @@ import torch
 
 import fastrev
 import fastrev.samplers as SM
+import fastrev.sampling.coefficients as SC
+import fastrev.sampling.graph as SG
 from fastrev import noise, ops
 from fastrev import reference as R
 from fastrev import tables as T
 from fastrev.models import GaussianMixture, sliced_wasserstein
-from fastrev.samplers import METHODS, _sample_range, noise_keys, sample
+from fastrev.samplers import FLOW_METHODS, METHODS, VP_METHODS, SampleOptions, _sample_range, noise_keys, sample
 from fastrev.schedule import Schedule
-
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -58,7 +65,13 @@ def quality():
     dd = [sliced_wasserstein(g.sample(N_Q, _gen(100 + j)), g.sample(N_Q, _gen(200 + j))) for j in range(8)]
     thr = statistics.mean(dd) + 4 * statistics.stdev(dd)
     assert 0.05 < thr < 0.12          # the null distribution is what the docstring says
-    return dict(schedule=s, model=g, data=data, dd=statistics.mean(dd), thr=thr)
+    flow = GaussianMixture.demo_2d(s, "flow_prediction")
+    return dict(schedule=s, model=g, flow_model=flow, data=data, dd=statistics.mean(dd), thr=thr)
+
+
+def _model_for(q, method):
+    """The demo mixture as the model the method samples: its velocity for the flow methods, else its ε."""
+    return q["flow_model"] if method in FLOW_METHODS else q["model"]
 
 
 def _sw(x, data):
@@ -68,7 +81,7 @@ def _sw(x, data):
 # ------------------------------------------------------------------------------------------------ quality
 @pytest.mark.parametrize("method", METHODS)
 def test_recovers_the_mixture(quality, method):
-    x = sample(quality["model"], (N_Q, 2), quality["schedule"], method=method, num_steps=STEPS_Q, seed=0)
+    x = sample(_model_for(quality, method), (N_Q, 2), quality["schedule"], method=method, num_steps=STEPS_Q, seed=0)
     assert x.shape == (N_Q, 2) and x.dtype == torch.float32
     sw = _sw(x, quality["data"])
     assert sw <= quality["thr"], f"{method}: SW1 {sw:.4f} > threshold {quality['thr']:.4f} (data vs data " \
@@ -76,9 +89,12 @@ def test_recovers_the_mixture(quality, method):
 
 
 @pytest.mark.parametrize("kw", [dict(method="ode", ode_solver="euler"),
-                                dict(method="ddpm", variance_type="fixed_large")])
+                                dict(method="ddpm", variance_type="fixed_large"),
+                                dict(method="euler", timestep_spacing="trailing"),
+                                dict(method="euler_a", timestep_spacing="linspace"),
+                                dict(method="flow_euler", shift=3.0)])
 def test_recovers_the_mixture_variants(quality, kw):
-    x = sample(quality["model"], (N_Q, 2), quality["schedule"], num_steps=STEPS_Q, seed=1, **kw)
+    x = sample(_model_for(quality, kw["method"]), (N_Q, 2), quality["schedule"], num_steps=STEPS_Q, seed=1, **kw)
     assert _sw(x, quality["data"]) <= quality["thr"]
 
 
@@ -92,53 +108,83 @@ def _flip_c1(builder, amount):
 
 
 def _bdt(S, k):
-    b, dt = SM._beta_dt(S, k)
+    b, dt = SC.beta_dt(S, k)
     return b * dt
 
 
 def _heun_bdt(S, k):
-    b, dt = SM._beta_dt(S, k)
+    b, dt = SC.beta_dt(S, k)
     at = (torch.arange(len(k)) - 1).clamp_min(0)
     out = 0.5 * b[at] * dt
     out[0] = 0.0
     return out
 
 
+def _bad_table(builder, column, fn):
+    """``builder`` with column ``column`` of its table replaced by fn(column) (a deliberately wrong table)."""
+    def bad(*args, **kw):
+        tab = builder(*args, **kw)
+        tab[:, T.COL[column]] = fn(tab[:, T.COL[column]])
+        return tab
+    return bad
+
+
+# deliberately wrong tables of the σ-space and flow methods: (method, builder, column, error, kw)
+TABLE_ERRORS = {
+    "euler-step-sign": ("euler", "euler_table", "C2", lambda c: -c, {}),               # x̃ += (σ − σ')ε̂
+    "euler-no-input-scaling": ("euler", "euler_table", "C1", lambda c: torch.ones_like(c), {}),  # x̃ as if x = x̃
+    "euler_a-step-sign": ("euler_a", "euler_ancestral_table", "C2", lambda c: -c, {}),
+    "euler_a-noise-scale": ("euler_a", "euler_ancestral_table", "SIGMA", lambda c: 2 * c, {}),   # σ_up doubled
+    "flow-step-sign": ("flow_euler", "flow_euler_table", "C2", lambda c: -c, {}),     # x −= (σ' − σ)v
+    "flow-step-scale": ("flow_euler", "flow_euler_table", "C2", lambda c: 0.5 * c, {}),   # half steps
+    "flow-shift-unapplied": ("flow_euler", "flow_euler_table", "C2", lambda c: torch.full_like(c, -1 / STEPS_Q),
+                             {"shift": 3.0}),                                          # steps of the unshifted grid
+}
+
+
 @pytest.mark.parametrize("case", ["negated-" + m for m in METHODS] +
-                         ["sde-drift", "ode-drift", "heun-stage2-score", "pc-corrector-score"])
+                         ["sde-drift", "ode-drift", "heun-stage2-score", "pc-corrector-score"] + list(TABLE_ERRORS))
 def test_sign_errors_fail(quality, monkeypatch, case):
-    """A sampler with a sign error must fail the quality threshold (so the threshold can catch one)."""
+    """A sampler with a sign (or scaling) error must fail the quality threshold (so the threshold can catch one)."""
     s, g = _fresh()
     model, kw = g, {}
     steps = STEPS_Q
     if case.startswith("negated-"):                         # the score's sign (ε → −ε): blows up within 10 steps
         kw["method"] = case.split("-")[1]
+        if kw["method"] in FLOW_METHODS:
+            g = GaussianMixture.demo_2d(s, "flow_prediction")
         model = lambda x, t: -g(x, t)  # noqa: E731
         steps = 10
+    elif case in TABLE_ERRORS:
+        method, name, column, fn, extra = TABLE_ERRORS[case]
+        monkeypatch.setattr(SC, name, _bad_table(getattr(SC, name), column, fn))
+        kw = dict(method=method, **extra)
+        if method in FLOW_METHODS:
+            model = GaussianMixture.demo_2d(s, "flow_prediction")
     elif case == "sde-drift":
-        monkeypatch.setattr(SM, "sde_table", _flip_c1(SM.sde_table, _bdt))
+        monkeypatch.setattr(SC, "sde_table", _flip_c1(SC.sde_table, _bdt))
         kw["method"] = "sde"
     elif case == "ode-drift":
-        monkeypatch.setattr(SM, "ode_euler_table", _flip_c1(SM.ode_euler_table, _bdt))
-        monkeypatch.setattr(SM, "ode_heun_table", _flip_c1(SM.ode_heun_table, _heun_bdt))
+        monkeypatch.setattr(SC, "ode_euler_table", _flip_c1(SC.ode_euler_table, _bdt))
+        monkeypatch.setattr(SC, "ode_heun_table", _flip_c1(SC.ode_heun_table, _heun_bdt))
         kw["method"] = "ode"
     elif case == "heun-stage2-score":
-        orig = SM.ode_heun_table
+        orig = SC.ode_heun_table
 
         def bad(S, k, Rs, pt="epsilon", clip=False):
             tab = orig(S, k, Rs, pt, clip)
             tab[1:, T.COL["C2"]] *= -1
             return tab
-        monkeypatch.setattr(SM, "ode_heun_table", bad)
+        monkeypatch.setattr(SC, "ode_heun_table", bad)
         kw["method"] = "ode"
     else:
-        orig = SM.pc_corrector_table
+        orig = SC.pc_corrector_table
 
         def bad(R_, pt="epsilon", clip=False, snr=0.16):
             tab = orig(R_, pt, clip, snr)
             tab[:, T.COL["C2"]] *= -1
             return tab
-        monkeypatch.setattr(SM, "pc_corrector_table", bad)
+        monkeypatch.setattr(SC, "pc_corrector_table", bad)
         kw["method"] = "pc"
     x = sample(model, (N_Q, 2), s, num_steps=steps, seed=0, **kw)
     assert _sw(x, quality["data"]) > quality["thr"]
@@ -180,8 +226,8 @@ def _respaced(s, n):
 B_SMALL, STEPS_SMALL, SEED = 6, 8, 11
 
 
-def _x_T(Rs, seed=SEED):
-    return noise.noise_like(torch.empty(B_SMALL, 3), seed, Rs.num_timesteps).double()
+def _x_T(Rs, seed=SEED, N=None):
+    return noise.noise_like(torch.empty(B_SMALL, 3), seed, Rs.num_timesteps if N is None else N).double()
 
 
 def _ts(Rs, i):
@@ -217,6 +263,18 @@ def _manual(method, s, g, **kw):
                 eps2 = g(xe, _ts(Rs, i - 1))
                 d2 = R.probability_flow_drift(xe, rate[kk[i]], R.score_from_eps(eps2, Rs.alpha_bars[i - 1]))
                 x = x - 0.5 * dt * (d1 + d2)
+        elif method in ("euler", "euler_a"):                   # σ-space, x̃ = x/√ᾱ, the closed-form σ-space ε*
+            sig = lambda j: (0.0 if j < 0 else math.sqrt((1 - Rs.alpha_bars[j]) / Rs.alpha_bars[j]))  # noqa: E731
+            s_cur, s_next = sig(i), sig(i - 1)
+            xt = x * math.sqrt(1 + s_cur**2)
+            e = g.eps_sigma(xt, s_cur)
+            if method == "euler":
+                xt = xt + (s_next - s_cur) * e
+            else:
+                up = math.sqrt(s_next**2 * (s_cur**2 - s_next**2) / s_cur**2)
+                down = math.sqrt(s_next**2 - up**2)
+                xt = xt + (down - s_cur) * e + up * noise.randn(SEED, idx, i, 3).double()
+            x = xt / math.sqrt(1 + s_next**2)
         elif method == "pc":
             for j in range(kw.get("corrector_steps", 1)):
                 key = i + (j + 1) * (N + 1)
@@ -234,8 +292,39 @@ def _manual(method, s, g, **kw):
     return x
 
 
+def _manual_flow(g, N, shift):
+    """flow_euler written out: σ_j = shift·u/(1 + (shift − 1)u), u = j/N; x ← x + (σ_i − σ_{i+1})·v(x, t) with the
+    model fed t = σ_{i+1}·1000 in float32."""
+    sig = [shift * (j / N) / (1 + (shift - 1) * (j / N)) for j in range(N + 1)]
+    x = _x_T(None, N=N)
+    for i in range(N - 1, -1, -1):
+        t = torch.full((B_SMALL,), sig[i + 1] * 1000.0, dtype=torch.float32)
+        x = x + (sig[i] - sig[i + 1]) * g(x, t)
+    return x
+
+
+@pytest.mark.parametrize("shift", [1.0, 3.0])
+def test_flow_euler_matches_independent_reference(shift):
+    s, g = _small()
+    gf = GaussianMixture(g.means, g.stds, g.weights, schedule=s, prediction_type="flow_prediction")
+    got = sample(gf, (B_SMALL, 3), s, method="flow_euler", num_steps=STEPS_SMALL, seed=SEED, dtype=torch.float64,
+                 shift=shift)
+    _assert_close(got, _manual_flow(gf, STEPS_SMALL, shift), rtol=1e-9, atol=1e-9)
+
+
+def test_euler_is_ddim_and_euler_a_is_ddpm():
+    """In exact arithmetic σ-space Euler is DDIM(η = 0) and Euler-ancestral is ancestral DDPM with β̃ (same noise
+    keys): the samplers agree to float64 rounding (a cross-check of the σ-space tables' algebra)."""
+    s, g = _small()
+    kw = dict(num_steps=STEPS_SMALL, seed=3, dtype=torch.float64)
+    for a, b in (("euler", "ddim"), ("euler_a", "ddpm")):
+        _assert_close(sample(g, (B_SMALL, 3), s, method=a, **kw), sample(g, (B_SMALL, 3), s, method=b, **kw),
+                      rtol=1e-9, atol=1e-9)
+
+
 @pytest.mark.parametrize("method,kw", [("ddpm", {}), ("ddim", {}), ("ddim", {"eta": 0.5}), ("sde", {}), ("ode", {}),
-                                       ("pc", {}), ("pc", {"corrector_norms": "sample", "corrector_steps": 2})])
+                                       ("pc", {}), ("pc", {"corrector_norms": "sample", "corrector_steps": 2}),
+                                       ("euler", {}), ("euler_a", {})])
 def test_matches_independent_reference(method, kw):
     s, g = _small()
     got = sample(g, (B_SMALL, 3), s, method=method, num_steps=STEPS_SMALL, seed=SEED, dtype=torch.float64, **kw)
@@ -252,7 +341,7 @@ def test_ddim_eta1_is_ddpm():
     _assert_close(a, b, rtol=1e-9, atol=1e-9)
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", VP_METHODS)
 @pytest.mark.parametrize("pt", ["sample", "v_prediction"])
 def test_prediction_types_agree(method, pt):
     """The exact x₀- and v-predictors of the mixture are the ε-predictor in other coordinates: same samples."""
@@ -278,7 +367,7 @@ def test_learned_variances(vt):
     """ddpm with a learned variance that equals β̃ is ddpm fixed_small; other methods use the first C channels."""
     s, g = _small()
     k, Rs = _respaced(s, 6)
-    logv = dict(zip(Rs.timesteps.tolist(), Rs.posterior_log_variance_clipped.tolist()))
+    logv = dict(zip(Rs.timesteps.tolist(), Rs.posterior_log_variance_clipped.tolist(), strict=True))
 
     def model(x, t):
         eps = g(x, t)
@@ -303,7 +392,9 @@ def test_learned_variances(vt):
 FUSED_CASES = [("ddpm", {}), ("ddim", {"eta": 0.5}), ("sde", {}), ("ode", {}), ("ode", {"ode_solver": "euler"}),
                ("pc", {}), ("pc", {"corrector_norms": "sample"}), ("ddpm", {"clip_sample": True}),
                ("ode", {"clip_sample": True, "prediction_type": "v_prediction"}),
-               ("ddpm", {"variance_type": "learned_range"})]
+               ("ddpm", {"variance_type": "learned_range"}), ("euler", {}), ("euler_a", {}),
+               ("euler_a", {"clip_sample": True, "prediction_type": "v_prediction"}),
+               ("flow_euler", {"shift": 3.0}), ("flow_euler", {"clip_sample": True})]
 
 
 @pytest.mark.parametrize("method,kw", FUSED_CASES)
@@ -311,7 +402,8 @@ def test_fused_matches_reference(kernel_device, method, kw):
     """The fused kernel (the Triton interpreter on CPU) and the eager float64 reference give the same samples."""
     s = Schedule.linear()
     means = torch.randn(3, 6, generator=_gen(0), dtype=torch.float64)
-    g = GaussianMixture(means, [0.2, 0.3, 0.1], schedule=s, prediction_type=kw.get("prediction_type", "epsilon"))
+    pt = "flow_prediction" if method in FLOW_METHODS else kw.get("prediction_type", "epsilon")
+    g = GaussianMixture(means, [0.2, 0.3, 0.1], schedule=s, prediction_type=pt)
     model = g
     if kw.get("variance_type") == "learned_range":
         model = lambda x, t: torch.cat([g(x, t), torch.tanh(x)], dim=1)  # noqa: E731
@@ -323,6 +415,33 @@ def test_fused_matches_reference(kernel_device, method, kw):
     assert rel <= 1e-5, rel
 
 
+def test_backends_are_the_ops_vocabulary(monkeypatch):
+    """sample() accepts exactly ops.BACKENDS and leaves the choice to ops.resolve_backend (no logic of its own); the
+    eager backends agree with the reference."""
+    from fastrev.sampling import plan as P
+    s, g = _small()
+    assert SM.SAMPLER_BACKENDS == ops.BACKENDS
+    ref = sample(g, (5, 3), s, method="ddpm", num_steps=4, seed=1, backend="reference")
+    for b in ops.BACKENDS:
+        if b == "triton":
+            continue
+        x = sample(g, (5, 3), s, method="ddpm", num_steps=4, seed=1, backend=b)
+        assert ((x - ref).abs().max() / ref.abs().max()).item() <= 1e-5, b
+    seen = []
+    real = ops.resolve_backend
+
+    def spy(backend, device, **kw):
+        seen.append(backend)
+        return real(backend, device, **kw)
+    monkeypatch.setattr(ops, "resolve_backend", spy)
+    sample(g, (2, 3), s, num_steps=2, backend="auto")
+    assert seen == ["auto"]
+    # the table dtype follows the ops' rule when they define one, else float64 for the reference only
+    assert P.table_dtype("reference") == torch.float64 and P.table_dtype("triton") == torch.float32
+    monkeypatch.setattr(ops, "table_dtype", lambda backend: torch.float64, raising=False)
+    assert P.table_dtype("triton") == torch.float64
+
+
 def test_fused_batch_size_invariance(kernel_device):
     g = _small()[1]
     s = g.schedule
@@ -332,12 +451,21 @@ def test_fused_batch_size_invariance(kernel_device):
 
 # ------------------------------------------------------------------------------------------------ determinism and keys
 ALL_RUNS = [dict(method="ddpm"), dict(method="ddim", eta=0.3), dict(method="sde"), dict(method="ode"),
-            dict(method="pc"), dict(method="pc", corrector_norms="sample", corrector_steps=2)]
+            dict(method="pc"), dict(method="pc", corrector_norms="sample", corrector_steps=2), dict(method="euler_a"),
+            dict(method="flow_euler", shift=2.0)]
+
+
+def _small_for(kw):
+    """_small(), with the flow model for the flow methods."""
+    s, g = _small()
+    if kw.get("method") in FLOW_METHODS:
+        g = GaussianMixture(g.means, g.stds, g.weights, schedule=s, prediction_type="flow_prediction")
+    return s, g
 
 
 @pytest.mark.parametrize("kw", ALL_RUNS)
 def test_batch_size_invariance(kw):
-    s, g = _small()
+    s, g = _small_for(kw)
     a = sample(g, (7, 3), s, num_steps=5, seed=5, **kw)
     for bs in (1, 4):
         assert torch.equal(a, sample(g, (7, 3), s, num_steps=5, seed=5, batch_size=bs, **kw)), bs
@@ -346,7 +474,7 @@ def test_batch_size_invariance(kw):
 @pytest.mark.parametrize("kw", ALL_RUNS)
 def test_sample_ranges_compose(kw):
     """_sample_range(start, count) gives the samples with global indices start.. of the single run (issue 7)."""
-    s, g = _small()
+    s, g = _small_for(kw)
     full = sample(g, (10, 3), s, num_steps=5, seed=8, **kw)
     parts = [_sample_range(g, (3,), s, start=a, count=c, num_steps=5, seed=8, **kw) for a, c in ((0, 4), (4, 1),
                                                                                                  (5, 5))]
@@ -355,7 +483,7 @@ def test_sample_ranges_compose(kw):
 
 @pytest.mark.parametrize("kw", ALL_RUNS)
 def test_same_seed_same_samples(kw):
-    s, g = _small()
+    s, g = _small_for(kw)
     a = sample(g, (6, 3), s, num_steps=5, seed=123, **kw)
     assert torch.equal(a, sample(g, (6, 3), s, num_steps=5, seed=123, **kw))
     assert not torch.equal(a, sample(g, (6, 3), s, num_steps=5, seed=124, **kw))
@@ -382,6 +510,13 @@ def test_noise_keys_never_repeat(monkeypatch):
     assert {k for _, k in seen} == want
     assert len(want) == 1 + N + C * N
     assert {i for i, _ in seen} == set(range(4))
+    # euler_a draws at the predictor keys (row i: key i); euler and flow_euler only x_T
+    for kw, want in ((dict(method="euler_a"), {N} | set(range(N))), (dict(method="euler"), {N}),
+                     (dict(method="flow_euler"), {N})):
+        seen.clear()
+        s2, g2 = _small_for(kw)
+        sample(g2, (4, 3), s2, num_steps=N, batch_size=3, **kw)
+        assert {k for _, k in seen} == want and len(seen) == len(set(seen)), kw
 
 
 # ------------------------------------------------------------------------------------------------ model, callback, bar
@@ -399,6 +534,13 @@ def test_model_gets_training_timesteps():
     calls.clear()
     sample(model, (4, 3), s, method="ode", num_steps=4, seed=0)          # Heun: t_i, then t_{i−1}; Euler last
     assert [c[2][0] for c in calls] == [750, 500, 500, 250, 250, 0, 0]
+    calls.clear()
+    gf = GaussianMixture(g.means, g.stds, g.weights, schedule=s, prediction_type="flow_prediction")
+    sample(lambda x, t: (calls.append((t.dtype, tuple(t.shape), t.tolist())), gf(x, t))[1], (4, 3), s,
+           method="flow_euler", num_steps=4, shift=3.0)                 # float σ·1000, σ = 3u/(1 + 2u)
+    want = [1000.0, 3 * 0.75 / 2.5 * 1000, 3 * 0.5 / 2.0 * 1000, 3 * 0.25 / 1.5 * 1000]
+    assert [c[2][0] for c in calls] == pytest.approx(want, rel=1e-6)
+    assert all(c[0] == torch.float32 and c[1] == (4,) for c in calls)
 
 
 def test_callback():
@@ -412,10 +554,16 @@ def test_callback():
     assert all(isinstance(t, int) for _, t, _, _ in seen)
     assert torch.equal(seen[-1][2], x)
     _assert_close(seen[-1][3], x)                  # DDPM's last step returns x̂₀
-    for m in ("ddim", "sde", "ode", "pc"):
+    for m in ("ddim", "sde", "ode", "pc", "euler", "euler_a"):
         n = []
         sample(g, (4, 3), s, method=m, num_steps=3, callback=lambda i, t, x, x0, n=n: n.append(x0.shape))
         assert n == [(4, 3)] * 3, m
+    gf = _small_for(dict(method="flow_euler"))[1]
+    seen.clear()
+    x = sample(gf, (4, 3), s, method="flow_euler", num_steps=4,
+               callback=lambda i, t, x, x0: seen.append((t, x0.clone())))
+    assert [t for t, _ in seen] == [1000.0, 750.0, 500.0, 250.0]
+    _assert_close(seen[-1][1].double(), x.double(), rtol=1e-6, atol=1e-6)    # the last step lands on its x̂₀
 
 
 def test_progress(capsys):
@@ -449,6 +597,38 @@ def test_low_precision_state(quality, dtype):
 
 def test_top_level_export():
     assert fastrev.sample is sample and fastrev.models.GaussianMixture is GaussianMixture
+    # the compatibility module keeps its names (the code lives in fastrev.sampling)
+    assert SM.sample is fastrev.sampling.sample and SM._sample_range is fastrev.sampling.sample_range
+    assert SM.sde_table is SC.sde_table and SM.noise_keys is noise_keys and SM.SampleOptions is SampleOptions
+
+
+# ------------------------------------------------------------------------------------------------ options as data
+def test_options_object_is_frozen_validated_and_reusable():
+    s, g = _small()
+    opts = SampleOptions(method="pc", num_steps=4, seed=5)
+    # method defaults are resolved once, on construction
+    assert (opts.snr, opts.corrector_steps, opts.corrector_norms) == (0.16, 1, "expected")
+    assert (opts.prediction_type, opts.timestep_spacing) == ("epsilon", "leading")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        opts.seed = 3
+    a = sample(g, (4, 3), s, opts)
+    assert torch.equal(a, sample(g, (4, 3), s, method="pc", num_steps=4, seed=5))
+    # keywords replace the object's fields (validated again)
+    assert torch.equal(sample(g, (4, 3), s, opts, seed=6), sample(g, (4, 3), s, method="pc", num_steps=4, seed=6))
+    with pytest.raises(ValueError, match="snr must be a finite number > 0"):
+        sample(g, (4, 3), s, opts, snr=-1.0)
+    with pytest.raises(ValueError, match="snr only applies to method='pc'"):
+        SampleOptions(method="ddim", snr=0.2)
+    # switching the method re-derives the defaults the caller left unset (pc's snr, the flow's prediction type)
+    assert torch.equal(sample(g, (4, 3), s, opts, method="ddim"), sample(g, (4, 3), s, method="ddim", num_steps=4,
+                                                                        seed=5))
+    f = opts.replace(method="flow_euler")
+    assert (f.prediction_type, f.timestep_spacing, f.snr, f.shift) == ("flow_prediction", None, None, 1.0)
+    assert opts.replace(snr=0.3).snr == 0.3 and opts.snr == 0.16
+    with pytest.raises(TypeError, match="unknown sampling option.*'steps'"):
+        sample(g, (4, 3), s, steps=4)
+    with pytest.raises(TypeError, match="options must be a fastrev.sampling.SampleOptions"):
+        sample(g, (4, 3), s, {"method": "pc"})
 
 
 # ------------------------------------------------------------------------------------------------ CUDA graphs
@@ -472,9 +652,9 @@ class _EmulatedGraph:
 
 @pytest.mark.parametrize("kw", ALL_RUNS + [dict(method="ode", ode_solver="euler")])
 def test_graph_step_reads_everything_from_device_buffers(monkeypatch, kw):
-    monkeypatch.setattr(SM, "_GRAPH_IMPL", _EmulatedGraph)
-    monkeypatch.setattr(SM, "_check_graph_support", lambda device, fused: None)
-    s, g = _small()
+    monkeypatch.setattr(SG, "GRAPH_IMPL", _EmulatedGraph)
+    monkeypatch.setattr(SG, "check_graph_support", lambda device, fused: None)
+    s, g = _small_for(kw)
     seen_a, seen_b = [], []
     a = sample(g, (5, 3), s, num_steps=5, seed=2, batch_size=3, callback=lambda *c: seen_a.append(c[1]), **kw)
     b = sample(g, (5, 3), s, num_steps=5, seed=2, batch_size=3, cuda_graph=True,
@@ -491,7 +671,7 @@ def test_cuda_graph_needs_cuda():
 @pytest.mark.cuda
 @pytest.mark.parametrize("kw", ALL_RUNS + [dict(method="ode", ode_solver="euler")])
 def test_cuda_graph_matches_eager(kw):
-    s, g = _small()
+    s, g = _small_for(kw)
     run = dict(num_steps=8, seed=2, batch_size=48, device="cuda", **kw)
     a = sample(g, (100, 3), s, **run)
     b = sample(g, (100, 3), s, cuda_graph=True, **run)
@@ -501,7 +681,7 @@ def test_cuda_graph_matches_eager(kw):
 @pytest.mark.cuda
 def test_cuda_recovers_the_mixture(quality):
     for m in METHODS:
-        x = sample(quality["model"], (N_Q, 2), quality["schedule"], method=m, num_steps=STEPS_Q, device="cuda")
+        x = sample(_model_for(quality, m), (N_Q, 2), quality["schedule"], method=m, num_steps=STEPS_Q, device="cuda")
         assert x.device.type == "cuda" and _sw(x.cpu(), quality["data"]) <= quality["thr"], m
 
 
@@ -511,7 +691,7 @@ BAD = [
     (dict(shape=(0, 2)), ValueError, "shape must have entries >= 1"),
     (dict(shape="2"), TypeError, "shape must be a tuple of ints"),
     (dict(schedule="linear"), TypeError, "schedule must be a fastrev.Schedule"),
-    (dict(method="euler"), ValueError, r"method must be one of \('ddpm', 'ddim', 'sde', 'ode', 'pc'\)"),
+    (dict(method="heun"), ValueError, "method must be one of " + re.escape(str(METHODS))),
     (dict(num_steps=0), ValueError, r"num_steps must be in \[1, 1000\]"),
     (dict(num_steps=2.5), TypeError, "num_steps must be an int"),
     (dict(timestep_spacing="middle"), ValueError, "timestep_spacing must be one of"),
@@ -535,7 +715,15 @@ BAD = [
     (dict(method="sde", corrector_steps=2), ValueError, "corrector_steps only applies to method='pc'"),
     (dict(method="ode", ode_solver="rk4"), ValueError, r"ode_solver must be one of \('heun', 'euler'\)"),
     (dict(method="sde", ode_solver="heun"), ValueError, "ode_solver only applies to method='ode'"),
-    (dict(backend="cuda"), ValueError, r"backend must be one of \('auto', 'triton', 'reference'\)"),
+    (dict(backend="cuda"), ValueError, "backend must be one of " + re.escape(str(ops.BACKENDS))),
+    (dict(method="flow_euler", timestep_spacing="leading"), ValueError, "timestep_spacing does not apply to method"),
+    (dict(method="flow_euler", prediction_type="epsilon"), ValueError,
+     r"prediction_type must be one of \('flow_prediction',\)"),
+    (dict(method="euler", prediction_type="flow_prediction"), ValueError, "prediction_type must be one of"),
+    (dict(method="ddpm", shift=3.0), ValueError, "shift only applies to method='flow_euler'"),
+    (dict(method="flow_euler", shift=0.0), ValueError, "shift must be a finite number > 0"),
+    (dict(method="flow_euler", variance_type="learned"), ValueError, "does not apply to method='flow_euler'"),
+    (dict(method="euler_a", eta=0.5), ValueError, "eta only applies to method='ddim'"),
     (dict(backend="triton", dtype=torch.float64), TypeError, "backend='triton' computes in float32"),
 ]
 
@@ -584,10 +772,10 @@ def test_check_finite_names_the_first_bad_step():
 def test_zero_terminal_snr_is_an_error_not_nan():
     """Regression (review): ᾱ = 0 at a visited step gave silent NaN."""
     S = Schedule.linear().rescale_zero_terminal_snr()
-    for method in METHODS:
+    for method in VP_METHODS:
         with pytest.raises(ValueError, match="zero terminal SNR"):
             sample(GaussianMixture.demo_2d(S), (4, 2), S, method=method, num_steps=10, timestep_spacing="trailing")
-    for method in ("sde", "ode"):
+    for method in ("sde", "ode", "euler", "euler_a"):
         with pytest.raises(ValueError, match="zero terminal SNR"):
             sample(GaussianMixture.demo_2d(S, "v_prediction"), (4, 2), S, method=method, num_steps=10,
                    timestep_spacing="trailing", prediction_type="v_prediction")

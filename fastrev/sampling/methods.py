@@ -1,0 +1,169 @@
+"""The sampling methods, one small unit each: which tables a step launches and in what order.
+
+A unit is a :class:`MethodStep`: ``builders`` names its tables (float64 builders from
+:mod:`fastrev.sampling.coefficients` or :mod:`fastrev.tables`), ``step`` runs one step at the device rows ``rows``
+(model call(s) and launches through ``plan.apply``; everything per-step is read from the device, so the step can be
+captured in a CUDA graph). Adding a method is adding a unit here and its name in :mod:`fastrev.sampling.options`.
+"""
+
+from __future__ import annotations
+
+from .. import tables as T
+from . import coefficients as C
+
+__all__ = ["MethodStep", "METHOD_STEPS"]
+
+
+class MethodStep:
+    """The defaults: one table ``"main"``, one model call, one launch."""
+
+    stochastic = False          # the step draws noise (key = the row)
+    needs = ""                  # what must be finite at every visited step ("" = nothing beyond x̂₀)
+
+    def builders(self, grid, o) -> dict:
+        raise NotImplementedError
+
+    def step(self, plan, ch, rows, i: int, want_x0: bool):
+        out = plan.model(ch.x, plan.grid.ts[rows])
+        return plan.apply(plan.tables["main"], rows, ch.x, plan.model.pred(out), dst=ch.x, offset=ch.offset,
+                          stochastic=self.is_stochastic(plan.opts), return_x0=want_x0)
+
+    def is_stochastic(self, o) -> bool:
+        return self.stochastic
+
+    def graphable(self, o, i: int) -> bool:
+        return True
+
+    def needs_scratch_state(self, o) -> bool:
+        return False
+
+    def per_sample_corrector(self, o) -> bool:
+        return False
+
+
+class DDPM(MethodStep):
+    """Ancestral sampling, ``tables.ddpm_table`` on R (learned variances read the model's extra channels)."""
+
+    stochastic = True
+
+    def builders(self, g, o):
+        return {"main": lambda: T.ddpm_table(g.R, o.prediction_type, o.variance_type, o.clip_sample)}
+
+    def step(self, plan, ch, rows, i, want_x0):
+        if not plan.opts.learned:
+            return super().step(plan, ch, rows, i, want_x0)
+        out = plan.model(ch.x, plan.grid.ts[rows])
+        return plan.apply(plan.tables["main"], rows, ch.x, out, dst=ch.x, offset=ch.offset, stochastic=True,
+                          return_x0=want_x0, learned=True)
+
+
+class DDIM(MethodStep):
+    """DDIM(η), ``tables.ddim_table`` on R (ε̂ from the clipped x̂₀ when clipping); noise only when η > 0."""
+
+    def builders(self, g, o):
+        return {"main": lambda: T.ddim_table(g.R, o.prediction_type, o.eta, o.clip_sample, 1.0,
+                                             use_clipped_model_output=o.clip_sample)}
+
+    def is_stochastic(self, o):
+        return o.eta > 0
+
+
+class SDE(MethodStep):
+    """Euler–Maruyama on the reverse VP-SDE."""
+
+    stochastic = True
+    needs = "β(t) = −log α"
+
+    def builders(self, g, o):
+        return {"main": lambda: C.sde_table(g.S, g.k, g.R, o.prediction_type, o.clip_sample)}
+
+
+class ODE(MethodStep):
+    """The probability-flow ODE: Euler, or Heun (an Euler stage into the scratch state x', a second model call at
+    (x', k_{i−1}) and the second-stage table with base = x); the last step is Euler."""
+
+    needs = "β(t) = −log α"
+
+    def builders(self, g, o):
+        b = {"euler": lambda: C.ode_euler_table(g.S, g.k, g.R, o.prediction_type, o.clip_sample)}
+        if o.ode_solver == "heun":
+            b["heun2"] = lambda: C.ode_heun_table(g.S, g.k, g.R, o.prediction_type, o.clip_sample)
+        return b
+
+    def graphable(self, o, i):
+        return not (o.ode_solver == "heun" and i == 0)
+
+    def needs_scratch_state(self, o):
+        return o.ode_solver == "heun"
+
+    def step(self, plan, ch, rows, i, want_x0):
+        model, ts = plan.model, plan.grid.ts
+        out = model.pred(model(ch.x, ts[rows]))
+        euler = plan.tables["euler"]
+        if plan.opts.ode_solver == "euler" or i == 0:
+            return plan.apply(euler, rows, ch.x, out, dst=ch.x, offset=ch.offset, stochastic=False,
+                              return_x0=want_x0)
+        x0 = plan.apply(euler, rows, ch.x, out, dst=ch.xp, offset=ch.offset, stochastic=False, return_x0=want_x0)
+        out2 = model.pred(model(ch.xp, ts[rows - 1]))
+        plan.apply(plan.tables["heun2"], rows, ch.xp, out2, base=ch.x, dst=ch.x, offset=ch.offset, stochastic=False)
+        return x0
+
+
+class PC(MethodStep):
+    """score_sde's predictor–corrector: ``corrector_steps`` Langevin steps at the row (noise keys
+    i + (j + 1)(N + 1)), then the reverse-diffusion predictor."""
+
+    stochastic = True
+
+    def builders(self, g, o):
+        b = {"main": lambda: C.pc_predictor_table(g.R, o.prediction_type, o.clip_sample)}
+        if o.corrector_norms == "expected":
+            b["corr"] = lambda: C.pc_corrector_table(g.R, o.prediction_type, o.clip_sample, o.snr)
+        return b
+
+    def per_sample_corrector(self, o):
+        return o.corrector_norms == "sample"
+
+    def step(self, plan, ch, rows, i, want_x0):
+        t = plan.grid.ts[rows]
+        for j in range(plan.opts.corrector_steps):
+            out = plan.model.pred(plan.model(ch.x, t))
+            keys = rows + (j + 1) * (plan.N + 1)
+            if plan.corrector is not None:
+                plan.corrector(plan, ch, rows, out, keys)
+            else:
+                plan.apply(plan.tables["corr"], rows, ch.x, out, dst=ch.x, offset=ch.offset, keys=keys,
+                           stochastic=True)
+        return super().step(plan, ch, rows, i, want_x0)
+
+
+class Euler(MethodStep):
+    """σ-space Euler (k-diffusion ``sample_euler``, diffusers ``EulerDiscreteScheduler`` without churn) on
+    σ = √((1 − ᾱ)/ᾱ), kept in the model's input coordinates (``coefficients.euler_table``)."""
+
+    needs = "σ = √((1 − ᾱ)/ᾱ)"
+
+    def builders(self, g, o):
+        return {"main": lambda: C.euler_table(g.R, o.prediction_type, o.clip_sample)}
+
+
+class EulerAncestral(Euler):
+    """σ-space Euler-ancestral, η = 1 (k-diffusion ``sample_euler_ancestral``, diffusers
+    ``EulerAncestralDiscreteScheduler``); noise key = the row."""
+
+    stochastic = True
+
+    def builders(self, g, o):
+        return {"main": lambda: C.euler_ancestral_table(g.R, o.prediction_type, o.clip_sample)}
+
+
+class FlowEuler(MethodStep):
+    """Flow-matching Euler for a velocity model (diffusers ``FlowMatchEulerDiscreteScheduler``'s update) on the
+    σ grid of :class:`fastrev.sampling.plan.FlowGrid`."""
+
+    def builders(self, g, o):
+        return {"main": lambda: C.flow_euler_table(g.sigmas, o.clip_sample)}
+
+
+METHOD_STEPS = {"ddpm": DDPM(), "ddim": DDIM(), "sde": SDE(), "ode": ODE(), "pc": PC(), "euler": Euler(),
+                "euler_a": EulerAncestral(), "flow_euler": FlowEuler()}
