@@ -21,7 +21,8 @@ from . import __version__
 from .ops import BACKENDS  # --backend accepts the library's one vocabulary
 
 # steps per method in the demo: about 100 model evaluations each (Heun costs 2N − 1, PC with one corrector step 2N)
-DEMO_STEPS = {"ddpm": 100, "ddim": 100, "sde": 100, "ode": 50, "pc": 50}
+DEMO_STEPS = {"ddpm": 100, "ddim": 100, "sde": 100, "ode": 50, "pc": 50, "euler": 100, "euler_a": 100,
+              "flow_euler": 100}
 DEMO_MODELS = ("gmm",)
 
 
@@ -173,7 +174,7 @@ def _plot(path, gmm, panels, title=None) -> bool:
 # ------------------------------------------------------------------------------------------------ commands
 def _cmd_demo(args) -> int:
     from .models import GaussianMixture, sliced_wasserstein
-    from .samplers import METHODS, sample
+    from .samplers import FLOW_METHODS, METHODS, sample
     from .schedule import Schedule
 
     device = _device(args.device)
@@ -191,7 +192,7 @@ def _cmd_demo(args) -> int:
     print(f"fastrev demo: 2-D Gaussian mixture ({gmm.num_components} components), {n} samples, linear schedule "
           f"(1000 steps), device {device} ({'fused kernel' if fused else 'reference backend'}), "
           f"torch {torch.__version__}")
-    header = (f"{'method':<7}{'steps':>6}{'NFE':>6}{'SW1 vs data':>13}{'data vs data':>14}{'wall s':>9}"
+    header = (f"{'method':<11}{'steps':>6}{'NFE':>6}{'SW1 vs data':>13}{'data vs data':>14}{'wall s':>9}"
               f"{'fused us/step':>15}{'ref us/step':>13}{'speedup':>9}")
     print(header)
     print("-" * len(header))
@@ -200,7 +201,8 @@ def _cmd_demo(args) -> int:
         steps = args.num_steps or DEMO_STEPS[m]
         _sync(device)
         t0 = time.perf_counter()
-        x = sample(gmm, (n, 2), schedule, method=m, num_steps=steps, seed=args.seed, device=device,
+        model = GaussianMixture.demo_2d(schedule, "flow_prediction") if m in FLOW_METHODS else gmm
+        x = sample(model, (n, 2), schedule, method=m, num_steps=steps, seed=args.seed, device=device,
                    backend=backend)
         _sync(device)
         wall = time.perf_counter() - t0
@@ -212,7 +214,7 @@ def _cmd_demo(args) -> int:
             fus_us = _step_us(m, schedule, n, device, "triton", tsteps, reps) if fused else None
         fmt = lambda v: "n/a" if v is None else f"{v:.1f}"  # noqa: E731
         speed = f"{ref_us / fus_us:.1f}x" if fus_us and ref_us else "n/a"
-        print(f"{m:<7}{steps:>6}{_nfe(m, steps):>6}{sw:>13.4f}{dd:>14.4f}{wall:>9.2f}{fmt(fus_us):>15}"
+        print(f"{m:<11}{steps:>6}{_nfe(m, steps):>6}{sw:>13.4f}{dd:>14.4f}{wall:>9.2f}{fmt(fus_us):>15}"
               f"{fmt(ref_us):>13}{speed:>9}")
         panels.append((f"{m} ({steps} steps): SW1 {sw:.3f}", x))
     print(f"(SW1: sliced Wasserstein-1 over 256 projections, mean against 4 fresh draws of {n} data points; data vs "
@@ -227,7 +229,7 @@ def _cmd_demo(args) -> int:
 
 def _cmd_sample(args) -> int:
     from .models import GaussianMixture, sliced_wasserstein
-    from .samplers import sample
+    from .samplers import FLOW_METHODS, sample
     from .schedule import Schedule
 
     device = _device(args.device)
@@ -236,7 +238,7 @@ def _cmd_sample(args) -> int:
     if args.plot:
         _check_writable("--plot", args.plot)
     schedule = Schedule.linear()
-    gmm = GaussianMixture.demo_2d(schedule)
+    gmm = GaussianMixture.demo_2d(schedule, "flow_prediction" if args.method in FLOW_METHODS else "epsilon")
     steps = args.num_steps or DEMO_STEPS[args.method]
     kw = {}
     if args.eta is not None:
@@ -322,7 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=METHODS, default="ddpm")
     p.add_argument("--num-samples", type=_positive_int, default=1000)
     p.add_argument("--num-steps", type=_positive_int, default=None, help="default: the demo's for the method")
-    p.add_argument("--timestep-spacing", default="leading")
+    p.add_argument("--timestep-spacing", default=None, help="default: leading (not for flow_euler)")
     p.add_argument("--eta", type=float, default=None, help="DDIM's eta (method ddim)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=_positive_int, default=None)

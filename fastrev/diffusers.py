@@ -117,7 +117,9 @@ from .noise import as_seed_tensor as _as_seed_tensor  # noqa: E402
 from .reference import PREDICTION_TYPES  # noqa: E402
 from .schedule import TIMESTEP_SPACINGS, spaced_timesteps  # noqa: E402
 
-__all__ = ["FastDDPMScheduler", "FastDDIMScheduler", "DDPM_VARIANCE_TYPES", "BACKENDS"]
+__all__ = ["FastDDPMScheduler", "FastDDIMScheduler", "FastEulerDiscreteScheduler",
+           "FastEulerAncestralDiscreteScheduler", "FastFlowMatchEulerDiscreteScheduler", "DDPM_VARIANCE_TYPES",
+           "BACKENDS"]
 
 #: diffusers' DDPM variance types (others are accepted with a warning and computed as diffusers does: β̃)
 DDPM_VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log", "learned",
@@ -828,3 +830,11 @@ class FastDDIMScheduler(_FastSchedulerBase, SchedulerMixin, ConfigMixin):
         if not return_dict:
             return (prev, x0)
         return DDIMSchedulerOutput(prev_sample=prev, pred_original_sample=x0)
+
+
+# the σ-space and flow-matching drop-ins (fastrev/diffusers_euler.py), re-exported here: one import for every drop-in
+from .diffusers_euler import (  # noqa: E402
+    FastEulerAncestralDiscreteScheduler,
+    FastEulerDiscreteScheduler,
+    FastFlowMatchEulerDiscreteScheduler,
+)
