@@ -380,11 +380,6 @@ class _FastSchedulerBase:
             return self._device_value(("fixed_seed", int(self.noise_seed)), device)
         return self._device_value(("seed",), device)
 
-    @staticmethod
-    def _table_dtype(backend: str) -> torch.dtype:
-        """float32 tables for every backend but the float64 ``"reference"`` oracle."""
-        return _F64 if backend == "reference" else torch.float32
-
     def _prepare(self, device) -> None:
         """Build the default table (and the previous-timestep lookup) on ``device`` ahead of the first step."""
         device = torch.device(device)
@@ -392,7 +387,7 @@ class _FastSchedulerBase:
             device = torch.device("cuda", torch.cuda.current_device())
         key = self._default_key()
         if key is not None and self._config_error is None:
-            self._table(key, device, self._table_dtype(_ops.resolve_backend(self.backend, device)))
+            self._table(key, device, _ops.table_dtype(_ops.resolve_backend(self.backend, device)))
         self._device_value(("prev_t",), device)
 
     # -------------------------------------------------------------------- errors that name the user's config
@@ -605,7 +600,7 @@ class _FastSchedulerBase:
         any_f64 = sample.dtype == _F64 or model_output.dtype == _F64 or (z is not None and z.dtype == _F64)
         needs_grad = (sample.requires_grad or model_output.requires_grad) and torch.is_grad_enabled()
         backend = _ops.resolve_backend(self.backend, device, any_f64=any_f64, needs_grad=needs_grad)
-        table = self._table(key, device, self._table_dtype(backend))
+        table = self._table(key, device, _ops.table_dtype(backend, any_f64))
         cfg = self.config
         return _ops.fused_step(
             table, t, sample, model_output, learned=learned, var_mode=var_mode, clip=self._clip,

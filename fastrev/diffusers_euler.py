@@ -120,15 +120,6 @@ _NAN_ROW = float("nan")
 _HOST_DEVICES = ("cpu",)
 
 
-def _table_dtype(backend: str, any_f64: bool, device) -> torch.dtype:
-    """The table dtype ``fused_step`` wants for a resolved backend: ``ops.table_dtype`` where fastrev has it, else
-    float32 for the kernel and float64 for the float64 torch update on the CPU or with float64 inputs."""
-    fn = getattr(_ops, "table_dtype", None)
-    if fn is not None:
-        return fn(backend, any_f64)
-    return _F64 if backend == "reference" and (any_f64 or torch.device(device).type == "cpu") else torch.float32
-
-
 def _check_fixes(fastrev_fixes) -> None:
     if not isinstance(fastrev_fixes, bool):
         raise TypeError(f"fastrev_fixes must be a bool, got {type(fastrev_fixes).__name__}")
@@ -377,7 +368,7 @@ class _FastEulerBase:
         any_f64 = _F64 in (sample.dtype, model_output.dtype) or (z is not None and z.dtype == _F64)
         needs_grad = torch.is_grad_enabled() and (sample.requires_grad or model_output.requires_grad)
         backend = _ops.resolve_backend(self.backend, device, any_f64=any_f64, needs_grad=needs_grad)
-        tdtype = _table_dtype(backend, any_f64, device)
+        tdtype = _ops.table_dtype(backend, any_f64)
         table = self._table(key, device, tdtype)
         out_dtype = model_output.dtype
         out = None if out_dtype == sample.dtype else torch.empty_like(sample, dtype=out_dtype,

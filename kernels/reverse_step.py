@@ -38,6 +38,7 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
+
 from fastrev.kernels import modes
 from fastrev.kernels.modes import (
     CLIP_NONE,

@@ -65,7 +65,8 @@ def _host_side():
 def no_float64(monkeypatch, device="cpu"):
     """Watch the block; host-side table builders (Schedule construction and its cached tables, the samplers'
     respacing, fastrev.tables' float64 [T] builders) run unwatched. Fails listing the float64 ops seen."""
-    import fastrev.samplers as samplers
+    import fastrev.sampling.coefficients as coefficients
+    import fastrev.sampling.plan as plan
 
     def paused(fn):
         def wrapper(*a, **k):
@@ -75,7 +76,9 @@ def no_float64(monkeypatch, device="cpu"):
 
     monkeypatch.setattr(Schedule, "cached", paused(Schedule.cached))
     monkeypatch.setattr(Schedule, "__init__", paused(Schedule.__init__))
-    monkeypatch.setattr(samplers, "_respaced", paused(samplers._respaced))
+    monkeypatch.setattr(plan, "respaced", paused(plan.respaced))
+    for name in [n for n in dir(coefficients) if n.endswith(("_table", "_sigmas"))]:
+        monkeypatch.setattr(coefficients, name, paused(getattr(coefficients, name)))   # the samplers' builders
     for name in ("x0_coefficients", "eps_coefficients", "eps_linear", "finish_table", "ddpm_table", "ddim_table"):
         monkeypatch.setattr(T, name, paused(getattr(T, name)))          # the float64 [T] host-side builders
     mode = NoFloat64(device)
@@ -199,9 +202,7 @@ def _model(x, t):
 
 @pytest.mark.parametrize("method,extra", [("ddpm", {}), ("ddim", dict(eta=0.5)), ("sde", {}), ("ode", {}),
                                           ("ode", dict(ode_solver="euler")), ("pc", {}),
-                                          pytest.param("pc", dict(corrector_norms="sample"), marks=pytest.mark.xfail(
-                                              strict=True, reason="samplers._Plan._corrector computes its norms in "
-                                              "float64 off the fused backend (the samplers' owner adapts it)")),
+                                          ("pc", dict(corrector_norms="sample")),
                                           ("ddpm", dict(clip_sample=True))])
 def test_sample_no_float64(monkeypatch, method, extra):
     kw = dict(method=method, num_steps=4, seed=3, device="cpu", **extra)

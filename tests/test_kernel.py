@@ -16,10 +16,10 @@ import sys
 import pytest
 import torch
 from _bounds import check, step_terms
-from fastrev.kernels import reverse_step as K
 
 import fastrev.ops as ops
 from fastrev import Schedule, ddim_step, ddpm_step, noise, tables
+from fastrev.kernels import reverse_step as K
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 S = Schedule.linear()

@@ -29,13 +29,10 @@ from .options import DTYPES, SampleOptions
 __all__ = ["Plan", "Chunk", "VPGrid", "FlowGrid", "TableSet", "ModelCheck", "PerSampleCorrector", "table_dtype"]
 
 
-def table_dtype(backend: str) -> torch.dtype:
+def table_dtype(backend: str, any_f64: bool = False) -> torch.dtype:
     """The dtype of the tables (and of the per-sample corrector's arithmetic) on a resolved backend: the ops' rule
-    when they define one (``ops.table_dtype``), else float64 for the reference and float32 for everything else."""
-    rule = getattr(ops, "table_dtype", None)
-    if rule is not None:
-        return rule(backend)
-    return torch.float64 if backend == "reference" else torch.float32
+    (:func:`fastrev.ops.table_dtype`: float64 for the reference and for float64 runs, float32 otherwise)."""
+    return ops.table_dtype(backend, any_f64)
 
 
 # ------------------------------------------------------------------------------------------------ grids
@@ -172,9 +169,12 @@ class PerSampleCorrector:
     def __init__(self, plan: "Plan"):
         R, o = plan.grid.R, plan.opts
         self.snr = o.snr
-        Kx, K0, Ko = T.eps_linear(R, o.prediction_type, o.clip_sample)
-        aux = torch.stack([Kx, K0, Ko, R.sqrt_one_minus_alpha_bars, R.alphas], dim=1)
-        self.aux = plan.tables.cached(("pc_aux", o.prediction_type, o.clip_sample), lambda: aux)
+
+        def build():        # float64 on the host, once: the cache casts it to the tables' dtype for the device
+            Kx, K0, Ko = T.eps_linear(R, o.prediction_type, o.clip_sample)
+            return torch.stack([Kx, K0, Ko, R.sqrt_one_minus_alpha_bars, R.alphas], dim=1)
+
+        self.aux = plan.tables.cached(("pc_aux", o.prediction_type, o.clip_sample), build)
         self._noise_table = None
 
     def _kernel_noise(self, plan, ch, x, out, keys):
@@ -234,11 +234,12 @@ class Plan:
         self.sample_shape = tuple(sample_shape)
         self.device = device
         self.method = METHOD_STEPS[opts.method]
-        self.backend = ops.resolve_backend(opts.backend, device, any_f64=opts.dtype == torch.float64)
+        f64 = opts.dtype == torch.float64
+        self.backend = ops.resolve_backend(opts.backend, device, any_f64=f64)
         self.fused = self.backend == "triton"
         self.grid = (FlowGrid if opts.flow else VPGrid)(schedule, opts, device)
         self.N = self.grid.N
-        dtype = table_dtype(self.backend)
+        dtype = table_dtype(self.backend, f64)
         self.tables = TableSet(self.grid, opts, self.method.builders(self.grid, opts), device, dtype)
         self.model = ModelCheck(model, opts.learned, dtype)
         self.seed = _noise.as_seed_tensor(opts.seed, device)
