@@ -62,7 +62,7 @@ def test_demo_command(tmp_path, capsys):
     text = capsys.readouterr().out
     lines = text.splitlines()
     header = next(i for i, line in enumerate(lines) if line.startswith("method"))
-    for col in ("steps", "NFE", "SW1 vs data", "data vs data", "wall s", "fused us/step", "ref us/step"):
+    for col in ("steps", "NFE", "SW1 vs data", "data vs data", "wall s", "fastrev us/step", "ref us/step"):
         assert col in lines[header]
     rows = [line.split() for line in lines[header + 2: header + 7]]
     assert [r[0] for r in rows] == ["ddpm", "ddim", "sde", "ode", "pc"]
