@@ -112,6 +112,8 @@ def _rows2d(x: torch.Tensor, B: int, N: int) -> np.ndarray:
 
 
 def per_sample_contiguous(x: torch.Tensor) -> bool:
+    """Contiguous within each sample (dims 1..), any batch stride: what the kernel's and this pass's [B, N] view
+    can read in place."""
     expected = 1
     for size, stride in zip(reversed(x.shape[1:]), reversed(x.stride()[1:]), strict=True):
         if size != 1 and stride != expected:

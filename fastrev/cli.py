@@ -220,8 +220,8 @@ def _cmd_demo(args) -> int:
     print(f"(SW1: sliced Wasserstein-1 over 256 projections, mean against 4 fresh draws of {n} data points; data vs "
           f"data: the same distance between independent draws of the data, the floor at this sample size. "
           f"us/step: one sampling step without the model (launches and host overhead), best of "
-          f"{3 if device.type == 'cuda' else 1}; fastrev: the {'fused kernel' if fused else 'float32 torch path'}, ref: the "
-          f"float64 reference{'' if fused else '; the fused kernel needs a CUDA device'}.)")
+          f"{3 if device.type == 'cuda' else 1}; fastrev: the {'fused kernel' if fused else 'float32 torch path'}, "
+          f"ref: the float64 reference{'' if fused else '; the fused kernel needs a CUDA device'}.)")
     if not args.no_plot:
         if _plot(args.png, gmm, panels, title=f"fastrev samplers on a 2-D Gaussian mixture ({n} samples)"):
             print(f"wrote {args.png}")

@@ -187,14 +187,7 @@ def draw_seed(generator: torch.Generator | None, device) -> torch.Tensor:
     return s.to(device, non_blocking=True)
 
 
-def _per_sample_contiguous(x: torch.Tensor) -> bool:
-    """Contiguous within each sample (dims 1..), any batch stride."""
-    expected = 1
-    for size, stride in zip(reversed(x.shape[1:]), reversed(x.stride()[1:]), strict=True):
-        if size != 1 and stride != expected:
-            return False
-        expected *= size
-    return True
+_per_sample_contiguous = _cpu.per_sample_contiguous      # contiguous within each sample, any batch stride
 
 
 def _flat_view(x: torch.Tensor) -> torch.Tensor:
