@@ -20,6 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 REQUIRED = {"device", "torch", "triton", "date", "copy_gbps", "results", "failures", "check", "skipped"}
 ENTRY = {"bench", "shape", "dtype", "provider", "median_us", "gbps"}
 HAS_DIFFUSERS = fb.diffusers_available()[0]
+needs_diffusers = pytest.mark.skipif(not HAS_DIFFUSERS, reason="diffusers is not installed")
 TINY = ["--quick", "--device", "cpu", "--shapes", "1x4x8x8", "--no-plot", "--min-time", "0.01"]
 
 
@@ -148,6 +149,58 @@ def test_inputs_rotate():
         prev, x0 = case.call()
         assert prev.shape == (1, 4, 8, 8) and prev.dtype == torch.float32
     assert len({id(i) for i in case.inputs}) == len(case.inputs)
+
+
+# ------------------------------------------------------------------------------------------------ Euler, guided
+EULER_GUIDED = ["euler_dropin", "euler_a_dropin_exact", "euler_a_dropin_fast", "flow_euler_dropin", "guided_ddpm_step"]
+
+
+def test_euler_and_guided_entries_bytes():
+    b = fb.REGISTRY
+    assert {n: b[n].bytes_per_elem("float32") for n in EULER_GUIDED} == {
+        "euler_dropin": 16, "euler_a_dropin_exact": 20, "euler_a_dropin_fast": 16, "flow_euler_dropin": 12,
+        "guided_ddpm_step": 20}     # exact: the generator's noise is read; flow: no x̂₀; guided: 2 halves read
+    assert b["guided_ddpm_step"].bytes_per_elem("bfloat16") == 10
+    inp = b["guided_ddpm_step"].inputs((2, 3, 4, 4), "float32", "cpu", torch.Generator().manual_seed(0))
+    assert inp.out.shape == (4, 3, 4, 4) and inp.x.shape == (2, 3, 4, 4)
+
+
+@needs_diffusers
+@pytest.mark.parametrize("bench", ["euler_dropin", "euler_a_dropin_fast", "flow_euler_dropin"])
+@pytest.mark.parametrize("provider", ["fastrev", "diffusers"])
+def test_stateful_schedulers_run_the_same_step_every_call(bench, provider):
+    """The step index is reset inside the callable: repeated calls on one input give the same x̂₀ (and x_{t−1} where
+    no noise is drawn); without the reset the second call would be the next step."""
+    case = fb.make_case(bench, (1, 3, 8, 8), "float32", provider, "cpu", n_sets=1)
+    a, b = case.call(), case.call()
+    torch.testing.assert_close(a[1], b[1], rtol=0, atol=0)
+    if bench != "euler_a_dropin_fast":
+        torch.testing.assert_close(a[0], b[0], rtol=0, atol=0)
+
+
+def test_the_check_catches_a_wrong_guidance_scale(temp_entry):
+    """A fused guided step at w·1.001 is a disagreement with the guided entry's eager combine + step."""
+    from fastrev.bench import steps_guided as G
+    from fastrev.ops import ddpm_step
+
+    def wrong(device, dtype):
+        base = registry.schedules()[0]
+        return lambda inp: ddpm_step(inp.out, inp.t, inp.x, base, clip_sample=True, seed=0,
+                                     guidance_scale=G.GUIDANCE * 1.001)
+    g = fb.REGISTRY["guided_ddpm_step"]
+    temp_entry(name="t_wrong_w", fastrev=wrong, eager=g.eager, make_inputs=g.make_inputs, model_channels=2)
+    errs = fb.check_agreement("t_wrong_w", "cpu", ["eager"], shape=(2, 3, 8, 8))
+    assert fb.cases.disagreements(errs, fb.runner.CHECK_TOL), errs
+
+
+@needs_diffusers
+def test_euler_and_guided_entries_run_and_pass(tmp_path):
+    rc, doc = _run(tmp_path, "--benches", ",".join(EULER_GUIDED), "--providers", "fastrev,diffusers,eager")
+    assert rc == 0, doc["failures"]
+    _validate(doc)
+    assert {r["bench"] for r in doc["results"]} == set(EULER_GUIDED)
+    for n in EULER_GUIDED:
+        assert all(isinstance(e, float) and e < 1e-5 for e in doc["check"][n].values()), doc["check"][n]
 
 
 # ------------------------------------------------------------------------------------------------ exit status
