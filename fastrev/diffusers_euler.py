@@ -107,6 +107,7 @@ import torch  # noqa: E402
 from . import noise as _noise  # noqa: E402
 from . import ops as _ops  # noqa: E402
 from . import tables as _T  # noqa: E402
+from .reference import PREDICTION_TYPES  # noqa: E402
 
 __all__ = ["FastEulerDiscreteScheduler", "FastEulerAncestralDiscreteScheduler", "FastFlowMatchEulerDiscreteScheduler"]
 
@@ -505,8 +506,7 @@ class FastEulerDiscreteScheduler(_SigmaEulerBase, SchedulerMixin, ConfigMixin):
         fastrev_fixes: bool = False,
     ):
         _check_fixes(fastrev_fixes)
-        _ops._check_choice("prediction_type", prediction_type, ("epsilon", "sample", "v_prediction",
-                                                                "original_sample"))
+        _ops._check_choice("prediction_type", prediction_type, PREDICTION_TYPES + ("original_sample",))
         self._init_from_stock(EulerDiscreteScheduler(**_stock_kwargs(EulerDiscreteScheduler, type(self), self.config)))
         self._after_init()
         self.use_karras_sigmas = use_karras_sigmas
@@ -617,7 +617,7 @@ class FastEulerAncestralDiscreteScheduler(_SigmaEulerBase, SchedulerMixin, Confi
         fastrev_fixes: bool = False,
     ) -> None:
         _check_fixes(fastrev_fixes)
-        _ops._check_choice("prediction_type", prediction_type, ("epsilon", "sample", "v_prediction"))
+        _ops._check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
         self._init_from_stock(EulerAncestralDiscreteScheduler(
             **_stock_kwargs(EulerAncestralDiscreteScheduler, type(self), self.config)))
         self._after_init()

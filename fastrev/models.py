@@ -41,11 +41,12 @@ import math
 
 import torch
 
+from .reference import PREDICTION_TYPES
 from .schedule import Schedule
 
 __all__ = ["GaussianMixture", "sliced_wasserstein"]
 
-_PREDICTIONS = ("epsilon", "sample", "v_prediction", "flow_prediction")
+_PREDICTIONS = PREDICTION_TYPES + ("flow_prediction",)
 
 
 def _f64_tensor(v, name):
