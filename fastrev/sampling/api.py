@@ -75,7 +75,8 @@ def sample_range(model: Callable, sample_shape, schedule: Schedule, options: Opt
         raise TypeError(f"sample_shape must be a tuple of ints, got {sample_shape!r}")
     sample_shape = check_shape((1,) + tuple(sample_shape))[1:]
     if not callable(model):
-        raise TypeError(f"model must be callable as model(x, t), got {type(model).__name__}")
+        raise TypeError(f"model must be callable as model(x, t) (model(x, t, cond) with conditioning), got "
+                        f"{type(model).__name__}")
     if not isinstance(schedule, Schedule):
         raise TypeError(f"schedule must be a fastrev.Schedule, got {type(schedule).__name__}")
     opts = resolve_options(options, kwargs)
@@ -87,7 +88,7 @@ def sample_range(model: Callable, sample_shape, schedule: Schedule, options: Opt
     device = _resolve_device(model, opts.device)
     if opts.cuda_graph and device.type != "cuda":
         G.check_graph_support(device, True)
-    plan = Plan(model, sample_shape, schedule, opts, device)
+    plan = Plan(model, sample_shape, schedule, opts, device, start=start, count=count)
     if opts.cuda_graph:
         G.check_graph_support(plan.device, plan.fused)
     result = torch.empty((count,) + sample_shape, dtype=opts.dtype, device=device)
