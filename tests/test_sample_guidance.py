@@ -157,8 +157,8 @@ def test_a_wrong_combine_fails(monkeypatch):
     assert ((guided - want).abs().max() / want.abs().max()).item() > 1e-2
 
 
-@pytest.mark.parametrize("method,kw", [("ddpm", {"variance_type": "learned_range"}), ("ode", {})])
-def test_guided_fused_kernel(kernel_device, method, kw, monkeypatch):
+@pytest.mark.parametrize("method,kw,rescale", [("ddpm", {"variance_type": "learned_range"}, 0.0), ("ode", {}, 0.6)])
+def test_guided_fused_kernel(kernel_device, method, kw, rescale, monkeypatch):
     """The Triton backend (the interpreter on CPU): the halves are combined in the kernel, one launch a step."""
     from fastrev.kernels import reverse_step as K
 
@@ -179,9 +179,9 @@ def test_guided_fused_kernel(kernel_device, method, kw, monkeypatch):
     null = NULL.to(kernel_device)
     common = dict(method=method, num_steps=steps, seed=11, device=kernel_device, **kw)
     guided = fastrev.sample(model, shape, SCHED, conditioning=cond, negative_conditioning=null, guidance_scale=w,
-                            backend="triton", **common)
+                            guidance_rescale=rescale, backend="triton", **common)
     assert launches == [True] * (2 * steps - 1 if method == "ode" else steps)     # guided launches, no combine
-    want = fastrev.sample(combined(model, null, cond, w), shape, SCHED, backend="torch", **common)
+    want = fastrev.sample(combined(model, null, cond, w, rescale), shape, SCHED, backend="torch", **common)
     assert_close(guided, want, 2e-5)
 
 
@@ -218,3 +218,66 @@ def test_errors_name_the_argument():
                        guidance_scale=2.0, **base)
     with pytest.raises(TypeError, match="conditioning must be a tensor"):
         fastrev.sample(model, SHAPE, SCHED, conditioning=[1, 2, 3, 4, 5], **base)
+
+
+class EmbedModel:
+    """A capturable conditional model (no host syncs): out = tanh(t/N)·0.8·x + emb[label]."""
+
+    learned = False
+
+    def __init__(self, device):
+        self.emb = torch.randn((4,) + SHAPE[1:], generator=torch.Generator().manual_seed(1)).to(device)
+
+    def __call__(self, x, t, label):
+        s = torch.tanh(t.to(x.dtype) / SCHED.num_train_timesteps).reshape((-1,) + (1,) * (x.dim() - 1))
+        return 0.8 * s * x + self.emb[label]
+
+
+class _EmulatedGraph:
+    """capture() records the step without running it, replay() runs it again (as in test_samplers)."""
+
+    def __init__(self, device):
+        self.fn = None
+
+    def warmup(self, fn, times=2):
+        for _ in range(times):
+            fn()
+
+    def capture(self, fn):
+        self.fn = fn
+
+    def replay(self):
+        return self.fn()
+
+
+GRAPH_RUNS = [dict(method="ddpm"), dict(method="ode"), dict(method="pc", corrector_norms="sample")]
+
+
+@pytest.mark.parametrize("kw", GRAPH_RUNS, ids=lambda kw: "-".join(map(str, kw.values())))
+def test_guided_graph_step_reads_everything_from_device_buffers(monkeypatch, kw):
+    from fastrev.sampling import graph as SG
+
+    monkeypatch.setattr(SG, "GRAPH_IMPL", _EmulatedGraph)
+    monkeypatch.setattr(SG, "check_graph_support", lambda device, fused: None)
+    model = EmbedModel("cpu")
+    w = torch.tensor([0.5, 1.0, 2.0, 3.0, 4.0])
+    run = dict(num_steps=4, seed=2, batch_size=3, backend="torch", conditioning=COND, negative_conditioning=NULL,
+               guidance_scale=w, guidance_rescale=0.3, **kw)
+    a = fastrev.sample(model, SHAPE, SCHED, **run)
+    b = fastrev.sample(model, SHAPE, SCHED, cuda_graph=True, **run)
+    assert torch.equal(a, b)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("kw", GRAPH_RUNS, ids=lambda kw: "-".join(map(str, kw.values())))
+def test_guided_cuda_graph_matches_eager_and_combined_model(kw):
+    model = EmbedModel("cuda")
+    cond, null = COND.cuda(), NULL.cuda()
+    w = torch.tensor([0.5, 1.0, 2.0, 3.0, 4.0], device="cuda")
+    run = dict(num_steps=6, seed=2, batch_size=3, device="cuda", **kw)
+    guided = dict(conditioning=cond, negative_conditioning=null, guidance_scale=w)
+    a = fastrev.sample(model, SHAPE, SCHED, **run, **guided)
+    b = fastrev.sample(model, SHAPE, SCHED, cuda_graph=True, **run, **guided)
+    assert_close(b, a, 1e-6)
+    want = fastrev.sample(combined(model, null, cond, w), SHAPE, SCHED, backend="torch", **run)
+    assert_close(a, want, 2e-5)
