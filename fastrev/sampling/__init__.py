@@ -76,6 +76,18 @@ clipped x̂₀, ε̂ = (x − √ᾱ x̂₀)/√(1 − ᾱ), as improved-diffusi
   x̂₀ = x − σ·v (with ``clip_sample``: v̂ = (x − clip(x̂₀))/σ). The model is fed t = σ·num_train_timesteps
   (float32). x_T = z is exact (the path's marginal at σ = 1 is N(0, I)); no noise after it.
 
+Conditioning and classifier-free guidance
+-----------------------------------------
+With ``conditioning`` the model is ``model(x, t, cond)`` (cond: the chunk's rows of the conditioning). With
+``guidance_scale`` w every model evaluation is one call on the doubled batch, ``model([x; x], [t; t],
+[negative_conditioning; conditioning])``, whose [2B, ...] output (unconditional half first) goes to the fused step
+with a :class:`fastrev.kernels.guidance.Guidance`: the step runs on u + w·(c − u) (times the ``guidance_rescale``
+factor), the halves combined in the kernel's registers on the Triton backend and by
+:meth:`~fastrev.kernels.guidance.Guidance.combine` on the eager ones. Each of the steps above is linear in the model
+output, so guidance is the same table update on the combined output for every method, Heun's second stage and the
+PC corrector included (its per-sample variant combines in its torch reduction pass). A guided run equals an
+unguided run of a model that returns u + w·(c − u) itself, with the same seed.
+
 Noise keys (never repeated within a run)
 ----------------------------------------
 The normal for element e of global sample j = start + position at noise step k is Philox(seed; e//4, j, k, 0)

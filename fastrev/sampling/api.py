@@ -75,7 +75,8 @@ def sample_range(model: Callable, sample_shape, schedule: Schedule, options: Opt
         raise TypeError(f"sample_shape must be a tuple of ints, got {sample_shape!r}")
     sample_shape = check_shape((1,) + tuple(sample_shape))[1:]
     if not callable(model):
-        raise TypeError(f"model must be callable as model(x, t), got {type(model).__name__}")
+        raise TypeError(f"model must be callable as model(x, t) (model(x, t, cond) with conditioning), got "
+                        f"{type(model).__name__}")
     if not isinstance(schedule, Schedule):
         raise TypeError(f"schedule must be a fastrev.Schedule, got {type(schedule).__name__}")
     opts = resolve_options(options, kwargs)
@@ -87,7 +88,7 @@ def sample_range(model: Callable, sample_shape, schedule: Schedule, options: Opt
     device = _resolve_device(model, opts.device)
     if opts.cuda_graph and device.type != "cuda":
         G.check_graph_support(device, True)
-    plan = Plan(model, sample_shape, schedule, opts, device)
+    plan = Plan(model, sample_shape, schedule, opts, device, start=start, count=count)
     if opts.cuda_graph:
         G.check_graph_support(plan.device, plan.fused)
     result = torch.empty((count,) + sample_shape, dtype=opts.dtype, device=device)
@@ -126,7 +127,8 @@ def sample(model: Callable, shape, schedule: Schedule, options: Optional[SampleO
             is int64 [B] *training* timesteps (respaced runs feed the model the steps it was trained on) and the
             output is ε, x₀ or v (``prediction_type``) shaped like x, or with 2C channels for learned variances. For
             ``flow_euler`` t is float32 [B], σ·num_train_timesteps (diffusers' convention), and the output the
-            velocity ε − x₀.
+            velocity ε − x₀. With ``conditioning`` the model is called as ``model(x, t, cond)`` instead (see
+            below); with ``guidance_scale`` on the doubled batch.
         shape: (num_samples, *sample_shape).
         schedule: the :class:`fastrev.Schedule` the model was trained with (``flow_euler`` uses its length only:
             the scale of t and the default number of steps).
@@ -169,6 +171,26 @@ def sample(model: Callable, shape, schedule: Schedule, options: Optional[SampleO
             interpreter on CPU), "torch" (the same table update in eager torch) or "reference" (eager, float64).
         check_finite: after every step, check the state for NaN/Inf (a host sync per step) and raise
             ``FloatingPointError`` naming the step where a non-finite value first appeared.
+        conditioning: what a conditional model is conditioned on (class labels, prompt embeddings, ...): a tensor
+            whose first dimension is num_samples (row j for sample j) or 1 (shared by all samples), moved to the
+            sampling device once. The model is then called as ``model(x, t, cond)`` with ``cond`` the rows of the
+            chunk's samples (batch-size independent).
+        guidance_scale: classifier-free guidance w (a float, or a floating [num_samples] tensor: one scale per
+            sample); None (default): no guidance. Needs ``conditioning`` and ``negative_conditioning``. Each model
+            evaluation is then ONE call on the doubled batch, ``model(cat([x, x]), cat([t, t]), cat([negative,
+            cond]))`` (unconditional half first, as diffusers' pipelines batch it), returning the [2B, ...]
+            concatenation; the step uses u + w·(c − u) on the prediction channels (with learned variances the
+            conditional half's variance channels), combined by the fused step itself: in the kernel's registers on
+            the Triton backend (no separate combine pass; :mod:`fastrev.kernels.guidance`). w = 1 is the
+            conditional model; w = 0 the unconditional one. Every evaluation is guided: Heun's second stage
+            (``ode``) and the PC corrector too (the per-sample corrector, ``corrector_norms="sample"``, combines the
+            halves in its torch reduction pass).
+        negative_conditioning: the unconditional (null) conditioning of classifier-free guidance, diffusers'
+            ``negative_prompt_embeds`` (the empty prompt's embedding, a null class label, ...): same shape as
+            ``conditioning`` after the first dimension, num_samples or 1 rows, same dtype.
+        guidance_rescale: φ in [0, 1] (default 0: none) of Lin et al. 2023, as diffusers' ``guidance_rescale``:
+            the guided output is scaled per sample by φ·std(c)/std(u + w·(c − u)) + (1 − φ) (a statistics pre-pass
+            per step).
 
     Returns:
         the samples, ``shape``, ``dtype``, on ``device``.

@@ -24,9 +24,9 @@ class MethodStep:
         raise NotImplementedError
 
     def step(self, plan, ch, rows, i: int, want_x0: bool):
-        out = plan.model(ch.x, plan.grid.ts[rows])
-        return plan.apply(plan.tables["main"], rows, ch.x, plan.model.pred(out), dst=ch.x, offset=ch.offset,
-                          stochastic=self.is_stochastic(plan.opts), return_x0=want_x0)
+        out, g = plan.predict(ch, ch.x, plan.grid.ts[rows])
+        return plan.apply(plan.tables["main"], rows, ch.x, out, dst=ch.x, offset=ch.offset,
+                          stochastic=self.is_stochastic(plan.opts), return_x0=want_x0, guidance=g)
 
     def is_stochastic(self, o) -> bool:
         return self.stochastic
@@ -52,9 +52,9 @@ class DDPM(MethodStep):
     def step(self, plan, ch, rows, i, want_x0):
         if not plan.opts.learned:
             return super().step(plan, ch, rows, i, want_x0)
-        out = plan.model(ch.x, plan.grid.ts[rows])
+        out, g = plan.predict(ch, ch.x, plan.grid.ts[rows], learned=True)
         return plan.apply(plan.tables["main"], rows, ch.x, out, dst=ch.x, offset=ch.offset, stochastic=True,
-                          return_x0=want_x0, learned=True)
+                          return_x0=want_x0, learned=True, guidance=g)
 
 
 class DDIM(MethodStep):
@@ -97,15 +97,19 @@ class ODE(MethodStep):
         return o.ode_solver == "heun"
 
     def step(self, plan, ch, rows, i, want_x0):
-        model, ts = plan.model, plan.grid.ts
-        out = model.pred(model(ch.x, ts[rows]))
+        ts = plan.grid.ts
+        out, g = plan.predict(ch, ch.x, ts[rows])
         euler = plan.tables["euler"]
         if plan.opts.ode_solver == "euler" or i == 0:
             return plan.apply(euler, rows, ch.x, out, dst=ch.x, offset=ch.offset, stochastic=False,
-                              return_x0=want_x0)
-        x0 = plan.apply(euler, rows, ch.x, out, dst=ch.xp, offset=ch.offset, stochastic=False, return_x0=want_x0)
-        out2 = model.pred(model(ch.xp, ts[rows - 1]))
-        plan.apply(plan.tables["heun2"], rows, ch.xp, out2, base=ch.x, dst=ch.x, offset=ch.offset, stochastic=False)
+                              return_x0=want_x0, guidance=g)
+        x0 = plan.apply(euler, rows, ch.x, out, dst=ch.xp, offset=ch.offset, stochastic=False, return_x0=want_x0,
+                        guidance=g)
+        # the second stage is guided too (every model evaluation is, as k-diffusion's CFG wrappers do): its table
+        # is linear in the output, so the kernel combines the halves of the second call in the same launch
+        out2, g2 = plan.predict(ch, ch.xp, ts[rows - 1])
+        plan.apply(plan.tables["heun2"], rows, ch.xp, out2, base=ch.x, dst=ch.x, offset=ch.offset, stochastic=False,
+                   guidance=g2)
         return x0
 
 
@@ -127,13 +131,14 @@ class PC(MethodStep):
     def step(self, plan, ch, rows, i, want_x0):
         t = plan.grid.ts[rows]
         for j in range(plan.opts.corrector_steps):
-            out = plan.model.pred(plan.model(ch.x, t))
+            out, g = plan.predict(ch, ch.x, t)
             keys = rows + (j + 1) * (plan.N + 1)
             if plan.corrector is not None:
-                plan.corrector(plan, ch, rows, out, keys)
+                # its reduction pass reads the whole output in torch anyway: combine the halves there first
+                plan.corrector(plan, ch, rows, out if g is None else g.combine(), keys)
             else:
                 plan.apply(plan.tables["corr"], rows, ch.x, out, dst=ch.x, offset=ch.offset, keys=keys,
-                           stochastic=True)
+                           stochastic=True, guidance=g)
         return super().step(plan, ch, rows, i, want_x0)
 
 

@@ -87,6 +87,10 @@ class SampleOptions:
     shift: Optional[float] = None
     backend: str = "auto"
     check_finite: bool = False
+    conditioning: Optional[torch.Tensor] = None
+    negative_conditioning: Optional[torch.Tensor] = None
+    guidance_scale: object = None
+    guidance_rescale: float = 0.0
 
     def __post_init__(self):
         # the values as given (before the method defaults are filled in), for replace()
@@ -130,6 +134,7 @@ class SampleOptions:
             raise TypeError(f"dtype must be one of torch.float16, torch.bfloat16, torch.float32, torch.float64, "
                             f"got {self.dtype!r}")
         _choice("backend", self.backend, ops.BACKENDS)       # the ops' vocabulary, read at call time
+        self._guidance()
         self._pc()
         _only_for("ode_solver", self.ode_solver, m, ("ode",))
         if m == "ode":
@@ -194,6 +199,57 @@ class SampleOptions:
         self._set("snr", snr)
         self._set("corrector_steps", steps)
         self._set("corrector_norms", norms)
+
+    def _guidance(self):
+        """Conditioning and classifier-free guidance (shapes against the sample count are checked per run, in
+        :class:`fastrev.sampling.plan.Conditioning`)."""
+        for name in ("conditioning", "negative_conditioning"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, torch.Tensor) or v.dim() < 1):
+                got = f"a {v.dim()}-d tensor" if isinstance(v, torch.Tensor) else type(v).__name__
+                raise TypeError(f"{name} must be a tensor with a leading batch dimension (one row per sample, or one "
+                                f"row shared by all) or None, got {got}")
+        w, phi = self.guidance_scale, self.guidance_rescale
+        if isinstance(w, torch.Tensor):
+            if not w.is_floating_point() or w.dim() != 1:
+                raise TypeError(f"guidance_scale must be a float or a floating [num_samples] tensor (one scale per "
+                                f"sample), got a {w.dtype} tensor of shape {tuple(w.shape)}")
+        elif w is not None:
+            if not _is_number(w):
+                raise TypeError(f"guidance_scale must be a float, a floating [num_samples] tensor or None, got "
+                                f"{type(w).__name__}")
+            if not math.isfinite(w):
+                raise ValueError(f"guidance_scale must be finite, got {w!r}")
+            self._set("guidance_scale", float(w))
+        if not _is_number(phi):
+            raise TypeError(f"guidance_rescale must be a number in [0, 1], got {type(phi).__name__}")
+        if not 0.0 <= phi <= 1.0:
+            raise ValueError(f"guidance_rescale must be in [0, 1], got {phi!r}")
+        self._set("guidance_rescale", float(phi))
+        if w is None:
+            if phi != 0:
+                raise ValueError(f"guidance_rescale applies to classifier-free guidance: it needs guidance_scale, "
+                                 f"got guidance_rescale={phi!r} without it")
+            if self.negative_conditioning is not None:
+                raise ValueError("negative_conditioning is the unconditional half of classifier-free guidance: it "
+                                 "needs guidance_scale (without guidance the model is called with conditioning alone)")
+            return
+        for name in ("conditioning", "negative_conditioning"):
+            if getattr(self, name) is None:
+                raise ValueError(f"guidance_scale needs {name}: each step calls model([x; x], [t; t], "
+                                 f"[negative_conditioning; conditioning]) once on the doubled batch")
+        c, n = self.conditioning, self.negative_conditioning
+        if tuple(c.shape[1:]) != tuple(n.shape[1:]):
+            raise ValueError(f"negative_conditioning must match conditioning's shape after the batch dimension (they "
+                             f"are concatenated along it): got {tuple(n.shape)} and {tuple(c.shape)}")
+        if c.dtype != n.dtype:
+            raise TypeError(f"negative_conditioning must have conditioning's dtype (they are concatenated), got "
+                            f"{n.dtype} and {c.dtype}")
+
+    @property
+    def guided(self) -> bool:
+        """Classifier-free guidance is on (``guidance_scale`` given)."""
+        return self.guidance_scale is not None
 
     def replace(self, **changes) -> "SampleOptions":
         """A new validated object with ``changes`` applied to the options as originally given (so switching

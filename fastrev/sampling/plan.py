@@ -4,6 +4,7 @@
   timesteps on the device, the host copy for callbacks, and where the tables are cached.
 * :class:`TableSet` — the method's coefficient tables on the device, in the backend's table dtype, cached.
 * :class:`ModelCheck` — calls the model and checks what it returns.
+* :class:`Conditioning` — the run's conditioning and classifier-free guidance, sliced per chunk.
 * :class:`PerSampleCorrector` — the PC corrector with ``corrector_norms="sample"`` (a reduction, a per-sample table
   built on the device, one launch).
 * :class:`Plan` — the above, composed, plus the backend and the seed; ``Plan.step`` runs one step of the method.
@@ -21,12 +22,14 @@ import torch
 from .. import noise as _noise
 from .. import ops
 from .. import tables as T
+from ..kernels.guidance import split_guided
 from ..schedule import TIMESTEP_SPACINGS, Schedule, spaced_timesteps
 from . import coefficients as C
 from .methods import METHOD_STEPS
 from .options import DTYPES, SampleOptions
 
-__all__ = ["Plan", "Chunk", "VPGrid", "FlowGrid", "TableSet", "ModelCheck", "PerSampleCorrector", "table_dtype"]
+__all__ = ["Plan", "Chunk", "VPGrid", "FlowGrid", "TableSet", "ModelCheck", "Conditioning",
+           "PerSampleCorrector", "table_dtype"]
 
 
 def table_dtype(backend: str, any_f64: bool = False) -> torch.dtype:
@@ -130,26 +133,28 @@ class TableSet(dict):
 
 # ------------------------------------------------------------------------------------------------ the model
 class ModelCheck:
-    """``model(x, t)`` with its output checked: a tensor of x's shape (2C channels for learned variances), floating,
-    on x's device. float64 outputs are cast to float32 on the float32 backends."""
+    """``model(x, t)`` (or ``model(x, t, cond)`` for a conditioned run) with its output checked: a tensor of x's
+    shape (2C channels for learned variances), floating, on x's device. float64 outputs are cast to float32 on the
+    float32 backends."""
 
     def __init__(self, model, learned: bool, compute_dtype: torch.dtype):
         self.model, self.learned, self.compute_dtype = model, learned, compute_dtype
 
-    def __call__(self, x, t):
-        out = self.model(x, t)
+    def __call__(self, x, t, cond=None):
+        out = self.model(x, t) if cond is None else self.model(x, t, cond)
+        call = "model(x, t)" if cond is None else "model(x, t, cond)"
         if not isinstance(out, torch.Tensor):
-            raise TypeError(f"model(x, t) must return a torch.Tensor, got {type(out).__name__}")
+            raise TypeError(f"{call} must return a torch.Tensor, got {type(out).__name__}")
         want = tuple(x.shape)
         if self.learned:
             want = (x.shape[0], 2 * x.shape[1]) + tuple(x.shape[2:])
         if tuple(out.shape) != want:
             extra = " (2C channels: output, then variance values)" if self.learned else ""
-            raise ValueError(f"model(x, t) must return shape {want}{extra}, got {tuple(out.shape)}")
+            raise ValueError(f"{call} must return shape {want}{extra}, got {tuple(out.shape)}")
         if out.dtype not in DTYPES:
-            raise TypeError(f"model(x, t) must return a floating tensor, got {out.dtype}")
+            raise TypeError(f"{call} must return a floating tensor, got {out.dtype}")
         if out.device != x.device:
-            raise ValueError(f"model(x, t) returned a tensor on {out.device}, expected {x.device}")
+            raise ValueError(f"{call} returned a tensor on {out.device}, expected {x.device}")
         if out.dtype == torch.float64 and self.compute_dtype != torch.float64:
             out = out.to(torch.float32)
         return out
@@ -157,6 +162,51 @@ class ModelCheck:
     def pred(self, out):
         """The prediction channels (the first C of a learned-variance output)."""
         return out[:, : out.shape[1] // 2] if self.learned else out
+
+
+# ------------------------------------------------------------------------------------------------ conditioning
+class Conditioning:
+    """The run's ``conditioning`` / ``negative_conditioning`` / ``guidance_scale`` on the device, checked against
+    the run's sample count (first dimension = ``count``, or 1 for one row shared by every sample), and their
+    slices for a chunk (:meth:`chunk`). Moved to the sampling device once per run."""
+
+    def __init__(self, opts: SampleOptions, count: int, device):
+        self.guided = opts.guided
+        self.rescale = opts.guidance_rescale
+        self.count = count
+
+        def rows(name, v):
+            if v is None:
+                return None
+            if v.shape[0] not in (1, count):
+                raise ValueError(f"{name} must have {count} rows (one per sample of the run) or 1 (shared), got "
+                                 f"shape {tuple(v.shape)}")
+            return v.to(device)
+
+        self.cond = rows("conditioning", opts.conditioning)
+        self.neg = rows("negative_conditioning", opts.negative_conditioning)
+        w = opts.guidance_scale
+        if isinstance(w, torch.Tensor):
+            if w.shape != (count,):
+                raise ValueError(f"guidance_scale tensor must have shape [num_samples] = ({count},) (one scale per "
+                                 f"sample of the run), got {tuple(w.shape)}")
+            if not bool(torch.isfinite(w).all()):
+                raise ValueError("guidance_scale tensor must be finite")
+            w = w.to(device)
+        self.scale = w
+
+    def chunk(self, lo: int, n: int):
+        """(what the model is called with for local samples lo .. lo + n − 1, their guidance scale): the
+        conditioning rows, or with guidance the doubled batch [negative; conditioning] (2n rows)."""
+        def take(v):
+            return v.expand((n,) + tuple(v.shape[1:])) if v.shape[0] == 1 else v[lo:lo + n]
+
+        if self.cond is None:
+            return None, None
+        if not self.guided:
+            return take(self.cond), None
+        w = self.scale[lo:lo + n] if isinstance(self.scale, torch.Tensor) else self.scale
+        return torch.cat([take(self.neg), take(self.cond)]), w
 
 
 # ------------------------------------------------------------------------------------------------ PC, per sample
@@ -229,8 +279,10 @@ class Plan:
     """Everything a run needs that does not depend on the chunk: the options, the method's step, the backend, the
     grid, the device tables, the checked model, the seed tensor."""
 
-    def __init__(self, model, sample_shape, schedule: Schedule, opts: SampleOptions, device: torch.device):
+    def __init__(self, model, sample_shape, schedule: Schedule, opts: SampleOptions, device: torch.device, *,
+                 start: int = 0, count: int = 1):
         self.opts = opts
+        self.start = start
         self.sample_shape = tuple(sample_shape)
         self.device = device
         self.method = METHOD_STEPS[opts.method]
@@ -242,6 +294,7 @@ class Plan:
         dtype = table_dtype(self.backend, f64)
         self.tables = TableSet(self.grid, opts, self.method.builders(self.grid, opts), device, dtype)
         self.model = ModelCheck(model, opts.learned, dtype)
+        self.conditioning = Conditioning(opts, count, device)
         self.seed = _noise.as_seed_tensor(opts.seed, device)
         self.corrector = PerSampleCorrector(self) if self.method.per_sample_corrector(opts) else None
 
@@ -251,13 +304,29 @@ class Plan:
         return self.grid.timesteps
 
     def apply(self, table, rows, x, out, *, dst, offset, keys=None, stochastic, noise=None, base=None,
-              return_x0=False, learned=False):
-        """x_new = the table update of (x, out[, base], z) at ``rows``, written into ``dst``; returns x̂₀ or None."""
+              return_x0=False, learned=False, guidance=None):
+        """x_new = the table update of (x, out[, base], z) at ``rows``, written into ``dst``; returns x̂₀ or None.
+        With ``guidance`` (from :meth:`predict`), ``out`` is the unconditional half and the fused step combines
+        the halves (in the kernel's registers on the fused backend)."""
         res = ops.fused_step(table, rows, x, out, learned=learned, variance_type=self.opts.variance_type,
                              clip=self.opts.clip_sample, noise=noise, seed=self.seed, sample_offset=offset,
                              stochastic=stochastic, out=dst, return_x0=return_x0, step=keys, base=base,
-                             backend=self.backend)
+                             backend=self.backend, guidance=guidance)
         return res.pred_original_sample
+
+    def predict(self, ch: "Chunk", x, t, learned: bool = False):
+        """The model at (x, t) for ``apply``: (output, guidance). Unconditioned: ``model(x, t)``; conditioned:
+        ``model(x, t, cond)``; guided: one call ``model([x; x], [t; t], [negative; cond])`` on the doubled batch,
+        split into the unconditional half (the output) and a :class:`fastrev.kernels.guidance.Guidance` (the
+        conditional half and the per-sample combine coefficients). ``learned``: keep the variance channels (the
+        conditional half's, with guidance); otherwise only the first C channels are passed on."""
+        if ch.guidance_scale is None:
+            out = self.model(x, t, ch.cond)
+            return (out if learned else self.model.pred(out)), None
+        out = self.model(torch.cat([x, x]), torch.cat([t, t]), ch.cond)
+        if not learned:
+            out = self.model.pred(out)
+        return split_guided(out, x, ch.guidance_scale, self.conditioning.rescale, learned=learned)
 
     def graphable(self, i: int) -> bool:
         return self.method.graphable(self.opts, i)
@@ -276,6 +345,7 @@ class Chunk:
     def __init__(self, plan: Plan, n: int, offset: int):
         shape = (n,) + plan.sample_shape
         self.offset = offset
+        self.cond, self.guidance_scale = plan.conditioning.chunk(offset - plan.start, n)
         empty = torch.empty(shape, dtype=torch.float32, device=plan.device)
         self.x = _noise.noise_like(empty, plan.seed, plan.N, offset).to(plan.opts.dtype)      # x_T: key N
         self.xp = torch.empty_like(self.x) if plan.method.needs_scratch_state(plan.opts) else None
@@ -287,6 +357,7 @@ class Chunk:
     def clone(self) -> "Chunk":
         c = Chunk.__new__(Chunk)
         c.offset, c.arange, c.zero_rows = self.offset, self.arange, self.zero_rows
+        c.cond, c.guidance_scale = self.cond, self.guidance_scale
         c.z = None if self.z is None else torch.empty_like(self.z)
         c.x = self.x.clone()
         c.xp = None if self.xp is None else torch.empty_like(self.xp)
