@@ -72,6 +72,21 @@ def _default_device(local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
+#: options of :func:`fastrev.sample` that may hold one row per sample (or one shared row)
+_PER_SAMPLE = ("conditioning", "negative_conditioning", "guidance_scale")
+
+
+def rank_options(kwargs: dict, num_samples: int, start: int, count: int) -> dict:
+    """``kwargs`` for the global samples [start, start + count): the per-sample options (a tensor with one row per
+    global sample) sliced to those rows; one shared row and everything else unchanged."""
+    out = dict(kwargs)
+    for name in _PER_SAMPLE:
+        v = out.get(name)
+        if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == num_samples and num_samples > 1:
+            out[name] = v[start:start + count]
+    return out
+
+
 def sample(model, shape, schedule, *, shard_dir: Optional[str | os.PathLike] = None, gather: bool = True,
            timeout_s: float = DEFAULT_TIMEOUT_S, **kwargs) -> Optional[torch.Tensor]:
     """:func:`fastrev.sample` split across the ranks of a torchrun job (same arguments, plus the ones below).
@@ -102,6 +117,7 @@ def sample(model, shape, schedule, *, shard_dir: Optional[str | os.PathLike] = N
     if world > 1:
         _ensure_group(device, timeout_s)
     start, count = shard_range(shape[0], rank, world)
+    kwargs = rank_options(kwargs, shape[0], start, count)
     if count > 0:
         local_samples = samplers._sample_range(model, shape[1:], schedule, start=start, count=count, device=device,
                                                **kwargs)
