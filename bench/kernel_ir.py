@@ -42,9 +42,10 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-_PTRS = ("x_ptr", "out_ptr", "var_ptr", "noise_ptr", "base_ptr", "prev_ptr", "x0_ptr", "cond_ptr")
-_DIV16 = ("N", "stride_x", "stride_out", "stride_var", "stride_noise", "stride_base", "stride_prev", "stride_x0",
-          "stride_cond")
+_PTRS = ("x_ptr", "out_ptr", "var_ptr", "noise_ptr", "base_ptr", "h0_ptr", "h1_ptr", "h2_ptr", "prev_ptr", "x0_ptr",
+         "cond_ptr")
+_DIV16 = ("N", "stride_x", "stride_out", "stride_var", "stride_noise", "stride_base", "stride_h0", "stride_h1",
+          "stride_h2", "stride_prev", "stride_x0", "stride_cond")
 # modes as in fastrev.kernels.modes (plain numbers here: --module may load a copy of the kernel without that module)
 CLIP_RANGE, VAR_FIXED, VAR_RANGE, NOISE_NONE, NOISE_TENSOR, NOISE_PHILOX = 1, 0, 2, 0, 1, 2
 VARIANTS = {   # name: constexprs (see kernels/reverse_step.py)
@@ -79,7 +80,12 @@ def compile_variant(K, dtype: str, consts: dict, arch, block_n: int, num_warps: 
     tiles per program (default: the module's ``_SUBTILES``; ignored by a kernel without that parameter)."""
     fn = K._reverse_step_kernel
     names = fn.arg_names
-    defaults = dict(WRITE_X0=True, HAS_BASE=False, SAMPLES=1, BLOCK_N=block_n, INT64=False)
+    defaults = dict(WRITE_X0=True, SAMPLES=1, BLOCK_N=block_n, INT64=False)
+    # the history: HISTORY (0-3 tensors) in this kernel, HAS_BASE (0-1) in older copies (--module)
+    if "HISTORY" in names:
+        defaults["HISTORY"] = 0
+    else:
+        defaults["HAS_BASE"] = False
     if "GUIDED" in names:
         defaults["GUIDED"] = False
     if "SUBTILES" in names:
