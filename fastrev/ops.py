@@ -326,9 +326,10 @@ def fused_step(table, t, sample, model_output, *, learned=False, variance_type="
     ``tables.VAR_LINEAR``); ``step`` (int64 [B]) is the noise step of the counter stream when it differs from the
     row ``t``; ``history``: the solver history, a tuple of 0–3 tensors (h_0, h_1, h_2) shaped like ``sample`` with
     table columns D0..D2, read in the same pass (on "triton" the launch is compiled for that many: never a per-step
-    value); ``base=h`` is the same as ``history=(h,)`` (column D = D0; give one or the other). ``seed``: int64 [1] device tensor (counter noise
-    when ``noise`` is None and ``stochastic``). ``guidance``: a :class:`fastrev.kernels.guidance.Guidance` (then
-    ``model_output`` is its unconditional half), combined in the kernel. No validation here: the public ops validate.
+    value); ``base=h`` is the same as ``history=(h,)`` (column D = D0; give one or the other). ``seed``: int64 [1]
+    device tensor (counter noise when ``noise`` is None and ``stochastic``). ``guidance``: a
+    :class:`fastrev.kernels.guidance.Guidance` (then ``model_output`` is its unconditional half), combined in the
+    kernel. No validation here: the public ops validate (the history's form is checked here).
     """
     hist = T.history_tuple(base, history)
     if guidance is not None and backend != "triton":

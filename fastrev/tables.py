@@ -25,9 +25,9 @@ from .kernels.modes import VAR_FIXED, VAR_LINEAR, VAR_LOG, VAR_RANGE
 from .reference import PREDICTION_TYPES, VARIANCE_TYPES
 from .schedule import Schedule
 
-__all__ = ["NCOL", "COL", "HISTORY_COLS", "MAX_HISTORY", "history_tuple", "VAR_MODES", "x0_coefficients", "eps_coefficients", "ddpm_table", "ddim_table",
-           "finish_table", "device_table", "apply_table", "sorted_dynamic_threshold", "eps_linear", "VAR_FIXED",
-           "VAR_LOG", "VAR_RANGE", "VAR_LINEAR"]
+__all__ = ["NCOL", "COL", "HISTORY_COLS", "MAX_HISTORY", "history_tuple", "VAR_MODES", "x0_coefficients",
+           "eps_coefficients", "ddpm_table", "ddim_table", "finish_table", "device_table", "apply_table",
+           "sorted_dynamic_threshold", "eps_linear", "VAR_FIXED", "VAR_LOG", "VAR_RANGE", "VAR_LINEAR"]
 
 COL = dict(A=0, B=1, C0=2, C1=3, C2=4, SIGMA=5, LOG_LO=6, LOG_HI=7, CLIP=8, D0=9, D1=10, D2=11)
 COL["D"] = COL["D0"]        # the history-of-one column (``base``), by its older name

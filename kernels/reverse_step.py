@@ -343,11 +343,11 @@ class StepTensors(NamedTuple):
 
     x, out: x_t and the model output (its ε/x₀/v part); table: float32 [T, NCOL] contiguous; t: int64 [B] contiguous
     table rows; prev: x_{t−1} (written). Optional: var (learned-variance channels), noise (z), base (history entry
-    h_0, column D0 = D; Heun's third state), thresh (float32 [B] dynamic-threshold scale), step (int64 [B] noise steps; None: t), seed (int64 [1],
-    read iff noise_mode is NOISE_PHILOX), x0 (x̂₀, written when given), cond + guide (classifier-free guidance: the
-    conditional half of the model output, and float32 [B, 2] contiguous (g_u, g_c): the output used is
-    g_u·out + g_c·cond, with ``out`` the unconditional half), h1, h2 (history entries h_1, h_2, columns D1, D2: h1
-    needs base, h2 needs h1 — the launch's HISTORY is how many are given).
+    h_0, column D0 = D; Heun's third state), thresh (float32 [B] dynamic-threshold scale), step (int64 [B] noise
+    steps; None: t), seed (int64 [1], read iff noise_mode is NOISE_PHILOX), x0 (x̂₀, written when given), cond +
+    guide (classifier-free guidance: the conditional half of the model output, and float32 [B, 2] contiguous
+    (g_u, g_c): the output used is g_u·out + g_c·cond, with ``out`` the unconditional half), h1, h2 (history
+    entries h_1, h_2, columns D1, D2: h1 needs base, h2 needs h1 — the launch's HISTORY is how many are given).
     """
     x: torch.Tensor
     out: torch.Tensor
@@ -467,7 +467,8 @@ def _register():
                          var: torch.Tensor | None, noise: torch.Tensor | None, base: torch.Tensor | None,
                          thresh: torch.Tensor | None, step: torch.Tensor | None, seed: torch.Tensor | None,
                          x0: torch.Tensor | None, cond: torch.Tensor | None, guide: torch.Tensor | None,
-                         h1: torch.Tensor | None, h2: torch.Tensor | None, sample_offset: int, clip_mode: int, var_mode: int, noise_mode: int, force_int64: bool) -> None:
+                         h1: torch.Tensor | None, h2: torch.Tensor | None, sample_offset: int, clip_mode: int,
+                         var_mode: int, noise_mode: int, force_int64: bool) -> None:
         ts = StepTensors(x, out, table, t, prev, var, noise, base, thresh, step, seed, x0, cond, guide, h1, h2)
         _launch(wrap(_reverse_step_kernel), ts, sample_offset, clip_mode, var_mode, noise_mode, force_int64)
 
