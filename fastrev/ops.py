@@ -407,15 +407,13 @@ def _f32_table(table: torch.Tensor) -> torch.Tensor:
 
 def _table_step_torch(table, t, sample, model_output, *, learned, var_mode, clip, thresholding, ratio, max_value,
                       noise, seed, sample_offset, stochastic, out, return_x0, step, hist) -> StepOutput:
-    """:func:`fused_step` on the "torch" backend: float32 (float64 when an input is), the sample's dtype out. A
-    history of two or three runs as torch ops (the compiled CPU pass reads at most one)."""
+    """:func:`fused_step` on the "torch" backend: float32 (float64 when an input is), the sample's dtype out."""
     C = sample.shape[1] if sample.dim() > 1 else 0
     o, var = (model_output[:, :C], model_output[:, C:]) if learned else (model_output, None)
     z = noise if stochastic else None
-    base = hist[0] if len(hist) == 1 else None
-    if len(hist) <= 1 and _cpu.eligible(sample, o, var, z, base) and t.device.type == "cpu" and not (
+    if _cpu.eligible(sample, o, var, z, *hist) and t.device.type == "cpu" and not (
             torch.is_grad_enabled() and model_output.requires_grad) and table.device.type == "cpu":
-        return _table_step_cpu(table, t, sample, o, var, z, base, var_mode=var_mode, clip=clip,
+        return _table_step_cpu(table, t, sample, o, var, z, hist, var_mode=var_mode, clip=clip,
                                thresholding=thresholding, ratio=ratio, max_value=max_value, seed=seed,
                                sample_offset=sample_offset, stochastic=stochastic, out=out, return_x0=return_x0,
                                step=step)
@@ -449,7 +447,7 @@ def _sample_index(B: int, offset: int) -> torch.Tensor:
     return idx
 
 
-def _table_step_cpu(table, t, sample, o, var, z, base, *, var_mode, clip, thresholding, ratio, max_value, seed,
+def _table_step_cpu(table, t, sample, o, var, z, hist, *, var_mode, clip, thresholding, ratio, max_value, seed,
                     sample_offset, stochastic, out, return_x0, step) -> StepOutput:
     """The torch backend's update for float32 CPU tensors: one compiled pass (:func:`fastrev._cpu.table_step`)."""
     coef = _f32_table(table).index_select(0, t)
@@ -468,7 +466,7 @@ def _table_step_cpu(table, t, sample, o, var, z, base, *, var_mode, clip, thresh
         prev = torch.empty_like(sample, memory_format=torch.contiguous_format)
     x0 = torch.empty_like(sample, memory_format=torch.contiguous_format) if return_x0 else None
     philox = stochastic and z is None
-    _cpu.table_step(coef, sample, o, var=var, z=z, base=base, thresh=thresh, clip=clip, var_mode=var_mode,
+    _cpu.table_step(coef, sample, o, var=var, z=z, history=hist, thresh=thresh, clip=clip, var_mode=var_mode,
                     seed=seed if philox else None,
                     sample_index=_sample_index(sample.shape[0], sample_offset) if philox else None,
                     step=(t if step is None else step.contiguous()) if philox else None,

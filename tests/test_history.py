@@ -10,7 +10,7 @@ import torch
 from _bounds import check, step_terms, worst_ratio
 
 import fastrev.ops as ops
-from fastrev import Schedule, tables
+from fastrev import Schedule, _cpu, tables
 from fastrev.kernels import reverse_step as K
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -138,3 +138,21 @@ def test_bad_history_is_rejected():
         K.reverse_step(K.StepTensors(xf, of, tab, t, prev, h1=hs[0].reshape(3, -1)))
     with pytest.raises(ValueError, match="columns D0..D2"):
         K.reverse_step(K.StepTensors(xf, of, tab[:, :11].contiguous(), t, prev, base=xf, h1=xf, h2=xf))
+
+
+@pytest.mark.skipif(not _cpu.AVAILABLE, reason="numba not installed")
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_compiled_cpu_pass_equals_eager_float32(n):
+    """fastrev._cpu's one pass reads the history too: bit for bit the eager float32 update (tables.apply_table)."""
+    g = torch.Generator().manual_seed(7)
+    x, o, z, *hs = (torch.randn((3, 2, 6, 7), generator=g) for _ in range(6))
+    hs = tuple(hs[:n])
+    t = torch.tensor([1, 500, 999])
+    for clip, zz in ((False, None), (True, z)):
+        tab = _table(clip).float()
+        kw = dict(clip=clip, noise=zz, history=hs, backend="torch", stochastic=zz is not None)
+        assert _cpu.eligible(x, o, z, *hs)
+        fast = ops.fused_step(tab, t, x, o, **kw)
+        slow = ops.fused_step(tab, t, x.to(memory_format=torch.channels_last), o, **kw)     # eager torch ops
+        torch.testing.assert_close(fast.prev_sample, slow.prev_sample, rtol=0, atol=0)
+        torch.testing.assert_close(fast.pred_original_sample, slow.pred_original_sample, rtol=0, atol=0)
