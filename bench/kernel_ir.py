@@ -54,7 +54,12 @@ VARIANTS = {   # name: constexprs (see kernels/reverse_step.py)
     "ddim": dict(CLIP_MODE=CLIP_RANGE, VAR_MODE=VAR_FIXED, NOISE_MODE=NOISE_NONE),            # η = 0
     "learned_range": dict(CLIP_MODE=CLIP_RANGE, VAR_MODE=VAR_RANGE, NOISE_MODE=NOISE_PHILOX),
     "ddpm_cfg": dict(CLIP_MODE=CLIP_RANGE, VAR_MODE=VAR_FIXED, NOISE_MODE=NOISE_PHILOX, GUIDED=True),  # guidance
+    # the solver history (HISTORY tensors h_j read with columns Dj): a 2M-type multistep step without noise (one
+    # earlier x̂₀), and the widest, three with in-kernel noise (run with --variants; not in the default report)
+    "hist1_ode": dict(CLIP_MODE=0, VAR_MODE=VAR_FIXED, NOISE_MODE=NOISE_NONE, HISTORY=1),
+    "hist3_sde": dict(CLIP_MODE=0, VAR_MODE=VAR_FIXED, NOISE_MODE=NOISE_PHILOX, HISTORY=3),
 }
+DEFAULT_VARIANTS = ("ddpm", "ddpm_noise", "ddim", "learned_range", "ddpm_cfg")
 ELEM_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
 # the roofline model of docs/kernel.md
@@ -211,10 +216,10 @@ def occupancy(regs: int, shared: int, num_warps: int) -> float:
 
 def bytes_per_element(variant: str, dtype: str, write_x0: bool = True) -> int:
     """Bytes moved per element by a variant: read x and out, write x_{t−1} (and x̂₀), + noise / variance / conditional
-    half (guidance) reads."""
+    half (guidance) / history reads."""
     c = VARIANTS[variant]
     n = 3 + int(write_x0) + int(c["NOISE_MODE"] == NOISE_TENSOR) + int(c["VAR_MODE"] != VAR_FIXED) + \
-        int(c.get("GUIDED", False))
+        int(c.get("GUIDED", False)) + int(c.get("HISTORY", 0))
     return n * ELEM_BYTES[dtype]
 
 
@@ -262,7 +267,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 (H100/H200), 80 (A100)")
     p.add_argument("--dtypes", default="fp32,bf16")
-    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help=f"of {', '.join(VARIANTS)}")
     p.add_argument("--block-n", type=int, default=None, help="elements per program (default: the module's _TILE)")
     p.add_argument("--num-warps", type=int, default=None, help="default: the module's _NUM_WARPS")
     p.add_argument("--subtiles", type=int, default=None, help="tiles per program (default: the module's _SUBTILES)")
