@@ -156,3 +156,21 @@ def test_compiled_cpu_pass_equals_eager_float32(n):
         slow = ops.fused_step(tab, t, x.to(memory_format=torch.channels_last), o, **kw)     # eager torch ops
         torch.testing.assert_close(fast.prev_sample, slow.prev_sample, rtol=0, atol=0)
         torch.testing.assert_close(fast.pred_original_sample, slow.pred_original_sample, rtol=0, atol=0)
+
+
+def test_history_through_the_registered_op():
+    """torch.ops.fastrev.reverse_step (what torch.compile'd code calls) carries h_1 and h_2: the same as a launch."""
+    x, o, z, hs, t = _inputs(shape=(1, 64), seed=8)
+    tab = _table(False).float().to(DEV)
+    B = x.shape[0]
+    xf, of, zf = x.reshape(B, -1), o.reshape(B, -1), z.reshape(B, -1)
+    h0, h1, h2 = (h.reshape(B, -1) for h in hs[:3])
+    outs = []
+    for via_op in (True, False):
+        prev, x0 = torch.full_like(xf, float("nan")), torch.full_like(xf, float("nan"))
+        K.reverse_step(K.StepTensors(xf, of, tab, t, prev, noise=zf, base=h0, x0=x0, h1=h1, h2=h2),
+                       noise_mode=K.NOISE_TENSOR, via_op=via_op)
+        outs.append((prev, x0))
+    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
+    want = ops.fused_step(tab, t, x, o, noise=z, history=(hs[0], hs[1], hs[2]), backend="triton")
+    torch.testing.assert_close(outs[0][0], want.prev_sample.reshape(B, -1), rtol=0, atol=0)
