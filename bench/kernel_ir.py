@@ -42,9 +42,10 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-_PTRS = ("x_ptr", "out_ptr", "var_ptr", "noise_ptr", "base_ptr", "prev_ptr", "x0_ptr", "cond_ptr")
-_DIV16 = ("N", "stride_x", "stride_out", "stride_var", "stride_noise", "stride_base", "stride_prev", "stride_x0",
-          "stride_cond")
+_PTRS = ("x_ptr", "out_ptr", "var_ptr", "noise_ptr", "base_ptr", "h0_ptr", "h1_ptr", "h2_ptr", "prev_ptr", "x0_ptr",
+         "cond_ptr")
+_DIV16 = ("N", "stride_x", "stride_out", "stride_var", "stride_noise", "stride_base", "stride_h0", "stride_h1",
+          "stride_h2", "stride_prev", "stride_x0", "stride_cond")
 # modes as in fastrev.kernels.modes (plain numbers here: --module may load a copy of the kernel without that module)
 CLIP_RANGE, VAR_FIXED, VAR_RANGE, NOISE_NONE, NOISE_TENSOR, NOISE_PHILOX = 1, 0, 2, 0, 1, 2
 VARIANTS = {   # name: constexprs (see kernels/reverse_step.py)
@@ -53,7 +54,12 @@ VARIANTS = {   # name: constexprs (see kernels/reverse_step.py)
     "ddim": dict(CLIP_MODE=CLIP_RANGE, VAR_MODE=VAR_FIXED, NOISE_MODE=NOISE_NONE),            # η = 0
     "learned_range": dict(CLIP_MODE=CLIP_RANGE, VAR_MODE=VAR_RANGE, NOISE_MODE=NOISE_PHILOX),
     "ddpm_cfg": dict(CLIP_MODE=CLIP_RANGE, VAR_MODE=VAR_FIXED, NOISE_MODE=NOISE_PHILOX, GUIDED=True),  # guidance
+    # the solver history (HISTORY tensors h_j read with columns Dj): a 2M-type multistep step without noise (one
+    # earlier x̂₀), and the widest, three with in-kernel noise (run with --variants; not in the default report)
+    "hist1_ode": dict(CLIP_MODE=0, VAR_MODE=VAR_FIXED, NOISE_MODE=NOISE_NONE, HISTORY=1),
+    "hist3_sde": dict(CLIP_MODE=0, VAR_MODE=VAR_FIXED, NOISE_MODE=NOISE_PHILOX, HISTORY=3),
 }
+DEFAULT_VARIANTS = ("ddpm", "ddpm_noise", "ddim", "learned_range", "ddpm_cfg")
 ELEM_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
 # the roofline model of docs/kernel.md
@@ -79,7 +85,12 @@ def compile_variant(K, dtype: str, consts: dict, arch, block_n: int, num_warps: 
     tiles per program (default: the module's ``_SUBTILES``; ignored by a kernel without that parameter)."""
     fn = K._reverse_step_kernel
     names = fn.arg_names
-    defaults = dict(WRITE_X0=True, HAS_BASE=False, SAMPLES=1, BLOCK_N=block_n, INT64=False)
+    defaults = dict(WRITE_X0=True, SAMPLES=1, BLOCK_N=block_n, INT64=False)
+    # the history: HISTORY (0-3 tensors) in this kernel, HAS_BASE (0-1) in older copies (--module)
+    if "HISTORY" in names:
+        defaults["HISTORY"] = 0
+    else:
+        defaults["HAS_BASE"] = False
     if "GUIDED" in names:
         defaults["GUIDED"] = False
     if "SUBTILES" in names:
@@ -205,10 +216,10 @@ def occupancy(regs: int, shared: int, num_warps: int) -> float:
 
 def bytes_per_element(variant: str, dtype: str, write_x0: bool = True) -> int:
     """Bytes moved per element by a variant: read x and out, write x_{t−1} (and x̂₀), + noise / variance / conditional
-    half (guidance) reads."""
+    half (guidance) / history reads."""
     c = VARIANTS[variant]
     n = 3 + int(write_x0) + int(c["NOISE_MODE"] == NOISE_TENSOR) + int(c["VAR_MODE"] != VAR_FIXED) + \
-        int(c.get("GUIDED", False))
+        int(c.get("GUIDED", False)) + int(c.get("HISTORY", 0))
     return n * ELEM_BYTES[dtype]
 
 
@@ -256,7 +267,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 (H100/H200), 80 (A100)")
     p.add_argument("--dtypes", default="fp32,bf16")
-    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help=f"of {', '.join(VARIANTS)}")
     p.add_argument("--block-n", type=int, default=None, help="elements per program (default: the module's _TILE)")
     p.add_argument("--num-warps", type=int, default=None, help="default: the module's _NUM_WARPS")
     p.add_argument("--subtiles", type=int, default=None, help="tiles per program (default: the module's _SUBTILES)")

@@ -2,8 +2,8 @@
 
 Off CUDA the default backend ("torch") is the coefficient-table update of :func:`fastrev.tables.apply_table` in
 float32. For the common case — float32, CPU, per-sample contiguous tensors, no autograd — this module runs that same
-update as one compiled loop that reads x, the model output (and the variance channels, the noise tensor or the
-base state) once and writes x_{t−1} (and x̂₀) once, drawing the counter-stream noise of :mod:`fastrev.noise`
+update as one compiled loop that reads x, the model output (and the variance channels, the noise tensor, the
+solver history h_0..h_2) once and writes x_{t−1} (and x̂₀) once, drawing the counter-stream noise of :mod:`fastrev.noise`
 (Philox4x32-10 + Box–Muller) inline. diffusers' step is ~10 full-tensor torch ops plus ``torch.randn``; this is one
 pass, which is why it is faster than the step it replaces even though Philox costs about as much as torch's RNG.
 
@@ -156,11 +156,12 @@ def counter_normals(seed: torch.Tensor, sample_index: torch.Tensor, step: torch.
 
 
 def table_step(coef, x, o, *, var=None, z=None, base=None, thresh=None, clip=False, var_mode=0, seed=None,
-               sample_index=None, step=None, stochastic=False, prev, x0=None) -> None:
+               sample_index=None, step=None, stochastic=False, prev, x0=None, history=None) -> None:
     """One table update into ``prev`` (and ``x0``): ``coef`` float32 [B, NCOL] (the gathered rows), tensors as in
     :func:`fastrev.tables.apply_table` (float32, CPU, per-sample contiguous; check :func:`eligible`). Noise: ``z``
     if given, else the counter stream of ``seed`` for ``sample_index``/``step`` when ``stochastic``.
-    ``thresh``: float32 [B] dynamic-threshold scales (clip mode "threshold")."""
+    ``thresh``: float32 [B] dynamic-threshold scales (clip mode "threshold"). ``history``: up to three tensors
+    h_0..h_2 (coef's columns D0..D2); ``base`` is a history of one (give one or the other)."""
     B = x.shape[0]
     N = x[0].numel() if B else 0
     if B == 0 or N == 0:
@@ -175,6 +176,11 @@ def table_step(coef, x, o, *, var=None, z=None, base=None, thresh=None, clip=Fal
         noise_mode = NOISE_TENSOR
     else:
         noise_mode = NOISE_PHILOX
+    hist = (base,) if history is None and base is not None else tuple(history or ())
+    if len(hist) > 3 or (hist and coef.shape[1] <= 8 + len(hist)):
+        raise ValueError(f"history: at most 3 tensors and a coef with their columns, got {len(hist)} and "
+                         f"{coef.shape[1]} columns")
+    hs = [_rows2d(h, B, N) for h in hist] + [_EMPTY2] * (3 - len(hist))
     if noise_mode == NOISE_PHILOX:
         k0, k1 = _seed_words(seed)
         si, st = sample_index.numpy(), step.numpy()
@@ -182,10 +188,10 @@ def table_step(coef, x, o, *, var=None, z=None, base=None, thresh=None, clip=Fal
         k0 = k1 = np.uint64(0)
         si = st = _I64
     args = (_rows2d(x, B, N), _rows2d(o, B, N), _EMPTY2 if var is None else _rows2d(var, B, N),
-            _EMPTY2 if z is None else _rows2d(z, B, N), _EMPTY2 if base is None else _rows2d(base, B, N),
+            _EMPTY2 if z is None else _rows2d(z, B, N), *hs,
             coef.numpy(), _EMPTY1 if thresh is None else thresh.numpy(), si, st, k0, k1,
             _rows2d(prev, B, N), _EMPTY2 if x0 is None else _rows2d(x0, B, N),
-            clip_mode, var_mode, noise_mode, base is not None, x0 is not None)
+            clip_mode, var_mode, noise_mode, len(hist), x0 is not None)
     _launch(_kernels()._step_kernel, args, B, N)
 
 

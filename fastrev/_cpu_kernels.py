@@ -155,11 +155,12 @@ def _normals_kernel(out, sidx, steps, k0, k1, job0, job1):
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
-def _step_kernel(x, o, v, z, base, coef, thresh, sidx, steps, k0, k1, prev, x0, clip_mode, var_mode,
-                 noise_mode, has_base, want_x0, job0, job1):
+def _step_kernel(x, o, v, z, h0, h1, h2, coef, thresh, sidx, steps, k0, k1, prev, x0, clip_mode, var_mode,
+                 noise_mode, n_hist, want_x0, job0, job1):
     """The table update of fastrev.tables.apply_table, float32, one pass over work items [job0, job1) of
     B × ceil(N / 4 / _GROUPS_PER_BLOCK); [B, N] views, coef float32 [B, NCOL]. Same operation order as
-    apply_table (no fast-math), so the results are the eager float32 update's."""
+    apply_table (no fast-math), so the results are the eager float32 update's. ``n_hist``: the history h_0..h_2
+    read (0-3), with coef's columns 9..11 (D0..D2)."""
     B, N = x.shape
     G = (N + 3) // 4
     nblk = (G + _GROUPS_PER_BLOCK - 1) // _GROUPS_PER_BLOCK
@@ -176,14 +177,17 @@ def _step_kernel(x, o, v, z, base, coef, thresh, sidx, steps, k0, k1, prev, x0, 
         e0 = 4 * g0
         e1 = min(4 * g1, N)
         a, bb, c0, c1, c2 = coef[b, 0], coef[b, 1], coef[b, 2], coef[b, 3], coef[b, 4]
-        sig, lo, hi, r, d = coef[b, 5], coef[b, 6], coef[b, 7], coef[b, 8], coef[b, 9]
+        sig, lo, hi, r = coef[b, 5], coef[b, 6], coef[b, 7], coef[b, 8]
+        d0 = coef[b, 9] if n_hist >= 1 else np.float32(0.0)
+        d1 = coef[b, 10] if n_hist >= 2 else np.float32(0.0)
+        d2 = coef[b, 11] if n_hist >= 3 else np.float32(0.0)
         if clip_mode == 2:
             r = thresh[b]
         add_noise = noise_mode != 0 and sig != 0
         if add_noise and noise_mode == 2:
             _fill_normals(Z, sidx[b], steps[b], g0, g1, k0, k1, UA, UB)
         xb, ob, pb = x[b], o[b], prev[b]
-        if var_mode == 0 and not has_base:
+        if var_mode == 0 and n_hist == 0:
             # the common case as straight loops over the block that LLVM vectorizes: clipping as selects (an
             # infinite range when off; NaN passes through both), thresholding's 1/s division (by 1.0 otherwise:
             # exact), x̂₀ into a scratch block when not wanted
@@ -224,8 +228,12 @@ def _step_kernel(x, o, v, z, base, coef, thresh, sidx, steps, k0, k1, prev, x0, 
                 if clip_mode == 2:
                     xh = xh / r
             p = c0 * xh + c1 * xv + c2 * ov
-            if has_base:
-                p = p + d * base[b, e]
+            if n_hist >= 1:                 # h_0, h_1, h_2 in order, as apply_table and the Triton kernel
+                p = p + d0 * h0[b, e]
+            if n_hist >= 2:
+                p = p + d1 * h1[b, e]
+            if n_hist >= 3:
+                p = p + d2 * h2[b, e]
             if add_noise:
                 if var_mode == 0:
                     sigma = sig

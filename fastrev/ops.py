@@ -309,8 +309,8 @@ def _step(kind, model_output, timestep, sample, schedule, *, prediction_type, va
 def fused_step(table, t, sample, model_output, *, learned=False, variance_type="fixed_small", clip=False,
                thresholding=False, dynamic_thresholding_ratio=0.995, sample_max_value=1.0, noise=None, seed=None,
                sample_offset=0, stochastic=True, out=None, return_x0=True, var_mode=None, step=None,
-               base=None, backend="triton", guidance=None) -> StepOutput:
-    """One table step, x̂₀ = A·x + B·out (clip/threshold), x_{t−1} = C0·x̂₀ + C1·x + C2·out (+ D·base) + σ·z, on a
+               base=None, backend="triton", guidance=None, history=None) -> StepOutput:
+    """One table step, x̂₀ = A·x + B·out (clip/threshold), x_{t−1} = C0·x̂₀ + C1·x + C2·out + Σ_j Dj·h_j + σ·z, on a
     resolved backend (:func:`resolve_backend`) — the same inputs, the same counter noise on each:
 
     * ``"triton"``: the fused kernel; ``table`` float32 on the sample's device.
@@ -324,10 +324,14 @@ def fused_step(table, t, sample, model_output, *, learned=False, variance_type="
     The building block of the ops, the samplers and the diffusers schedulers: a new sampler is a new table.
     ``t``: int64 [B] table rows. ``var_mode`` overrides the variance mode implied by ``variance_type`` (e.g.
     ``tables.VAR_LINEAR``); ``step`` (int64 [B]) is the noise step of the counter stream when it differs from the
-    row ``t``; ``base`` is the optional third state (column D). ``seed``: int64 [1] device tensor (counter noise
-    when ``noise`` is None and ``stochastic``). ``guidance``: a :class:`fastrev.kernels.guidance.Guidance` (then
-    ``model_output`` is its unconditional half), combined in the kernel. No validation here: the public ops validate.
+    row ``t``; ``history``: the solver history, a tuple of 0–3 tensors (h_0, h_1, h_2) shaped like ``sample`` with
+    table columns D0..D2, read in the same pass (on "triton" the launch is compiled for that many: never a per-step
+    value); ``base=h`` is the same as ``history=(h,)`` (column D = D0; give one or the other). ``seed``: int64 [1]
+    device tensor (counter noise when ``noise`` is None and ``stochastic``). ``guidance``: a
+    :class:`fastrev.kernels.guidance.Guidance` (then ``model_output`` is its unconditional half), combined in the
+    kernel. No validation here: the public ops validate (the history's form is checked here).
     """
+    hist = T.history_tuple(base, history)
     if guidance is not None and backend != "triton":
         model_output, guidance = guidance.combine(), None
     if var_mode is None:   # the variance channels only count when the output carries them (learned=True)
@@ -336,12 +340,12 @@ def fused_step(table, t, sample, model_output, *, learned=False, variance_type="
         return _table_step_torch(table, t, sample, model_output, learned=learned, var_mode=var_mode, clip=clip,
                                  thresholding=thresholding, ratio=dynamic_thresholding_ratio,
                                  max_value=sample_max_value, noise=noise, seed=seed, sample_offset=sample_offset,
-                                 stochastic=stochastic, out=out, return_x0=return_x0, step=step, base=base)
+                                 stochastic=stochastic, out=out, return_x0=return_x0, step=step, hist=hist)
     if backend == "reference":
         return _table_step_reference(table, t, sample, model_output, learned=learned, var_mode=var_mode, clip=clip,
                                      thresholding=thresholding, ratio=dynamic_thresholding_ratio,
                                      max_value=sample_max_value, noise=noise, seed=seed, sample_offset=sample_offset,
-                                     stochastic=stochastic, out=out, return_x0=return_x0, step=step, base=base)
+                                     stochastic=stochastic, out=out, return_x0=return_x0, step=step, hist=hist)
     from .kernels import reverse_step as K
     t = t.contiguous()                       # free when it already is (the kernel reads t[b] at b)
     if step is not None:
@@ -378,9 +382,9 @@ def fused_step(table, t, sample, model_output, *, learned=False, variance_type="
     else:
         prev = _alloc(sample)
     x0 = _alloc(sample) if return_x0 else None
+    hs = tuple(_flat_view(h) for h in hist) + (None,) * (T.MAX_HISTORY - len(hist))
     K.reverse_step(K.StepTensors(x, eps_part, table, t, prev, var=var_part, noise=z, thresh=thresh, step=step,
-                                 seed=seed, x0=x0, base=None if base is None else _flat_view(base), cond=cond,
-                                 guide=guide),
+                                 seed=seed, x0=x0, base=hs[0], cond=cond, guide=guide, h1=hs[1], h2=hs[2]),
                    sample_offset=sample_offset, clip_mode=clip_mode, var_mode=var_mode, noise_mode=noise_mode)
     if out is not None and prev is not out:
         out.copy_(prev)
@@ -402,25 +406,25 @@ def _f32_table(table: torch.Tensor) -> torch.Tensor:
 
 
 def _table_step_torch(table, t, sample, model_output, *, learned, var_mode, clip, thresholding, ratio, max_value,
-                      noise, seed, sample_offset, stochastic, out, return_x0, step, base) -> StepOutput:
+                      noise, seed, sample_offset, stochastic, out, return_x0, step, hist) -> StepOutput:
     """:func:`fused_step` on the "torch" backend: float32 (float64 when an input is), the sample's dtype out."""
     C = sample.shape[1] if sample.dim() > 1 else 0
     o, var = (model_output[:, :C], model_output[:, C:]) if learned else (model_output, None)
     z = noise if stochastic else None
-    if _cpu.eligible(sample, o, var, z, base) and t.device.type == "cpu" and not (
+    if _cpu.eligible(sample, o, var, z, *hist) and t.device.type == "cpu" and not (
             torch.is_grad_enabled() and model_output.requires_grad) and table.device.type == "cpu":
-        return _table_step_cpu(table, t, sample, o, var, z, base, var_mode=var_mode, clip=clip,
+        return _table_step_cpu(table, t, sample, o, var, z, hist, var_mode=var_mode, clip=clip,
                                thresholding=thresholding, ratio=ratio, max_value=max_value, seed=seed,
                                sample_offset=sample_offset, stochastic=stochastic, out=out, return_x0=return_x0,
                                step=step)
     f64 = torch.float64
-    cd = f64 if f64 in (sample.dtype, model_output.dtype) or (z is not None and z.dtype == f64) or (
-        base is not None and base.dtype == f64) else torch.float32
+    cd = f64 if f64 in (sample.dtype, model_output.dtype) or (z is not None and z.dtype == f64) or any(
+        h.dtype == f64 for h in hist) else torch.float32
     if cd == torch.float32:
         table = _f32_table(table)
     if stochastic and z is None:
         z = _noise.noise_like(sample, seed, t if step is None else step, sample_offset)     # float32
-    prev, x0 = T.apply_table(table, t, sample, o, var=var, z=z, base=base, clip=clip, thresholding=thresholding,
+    prev, x0 = T.apply_table(table, t, sample, o, var=var, z=z, history=hist, clip=clip, thresholding=thresholding,
                              ratio=ratio, max_value=max_value, var_mode=var_mode, dtype=cd)
     prev = prev.to(sample.dtype)
     if out is not None:
@@ -443,7 +447,7 @@ def _sample_index(B: int, offset: int) -> torch.Tensor:
     return idx
 
 
-def _table_step_cpu(table, t, sample, o, var, z, base, *, var_mode, clip, thresholding, ratio, max_value, seed,
+def _table_step_cpu(table, t, sample, o, var, z, hist, *, var_mode, clip, thresholding, ratio, max_value, seed,
                     sample_offset, stochastic, out, return_x0, step) -> StepOutput:
     """The torch backend's update for float32 CPU tensors: one compiled pass (:func:`fastrev._cpu.table_step`)."""
     coef = _f32_table(table).index_select(0, t)
@@ -462,7 +466,7 @@ def _table_step_cpu(table, t, sample, o, var, z, base, *, var_mode, clip, thresh
         prev = torch.empty_like(sample, memory_format=torch.contiguous_format)
     x0 = torch.empty_like(sample, memory_format=torch.contiguous_format) if return_x0 else None
     philox = stochastic and z is None
-    _cpu.table_step(coef, sample, o, var=var, z=z, base=base, thresh=thresh, clip=clip, var_mode=var_mode,
+    _cpu.table_step(coef, sample, o, var=var, z=z, history=hist, thresh=thresh, clip=clip, var_mode=var_mode,
                     seed=seed if philox else None,
                     sample_index=_sample_index(sample.shape[0], sample_offset) if philox else None,
                     step=(t if step is None else step.contiguous()) if philox else None,
@@ -474,7 +478,7 @@ def _table_step_cpu(table, t, sample, o, var, z, base, *, var_mode, clip, thresh
 
 
 def _table_step_reference(table, t, sample, model_output, *, learned, var_mode, clip, thresholding, ratio, max_value,
-                          noise, seed, sample_offset, stochastic, out, return_x0, step, base) -> StepOutput:
+                          noise, seed, sample_offset, stochastic, out, return_x0, step, hist) -> StepOutput:
     """:func:`fused_step` in eager float64 torch (:func:`fastrev.tables.apply_table`), cast to the sample's dtype."""
     C = sample.shape[1] if sample.dim() > 1 else 0
     o, var = (model_output[:, :C], model_output[:, C:]) if learned else (model_output, None)
@@ -482,7 +486,7 @@ def _table_step_reference(table, t, sample, model_output, *, learned, var_mode, 
     if stochastic:
         z = noise if noise is not None else _noise.noise_like(sample, seed, t if step is None else step,
                                                                 sample_offset)
-    prev, x0 = T.apply_table(table, t, sample, o, var=var, z=z, base=base, clip=clip, thresholding=thresholding,
+    prev, x0 = T.apply_table(table, t, sample, o, var=var, z=z, history=hist, clip=clip, thresholding=thresholding,
                              ratio=ratio, max_value=max_value, var_mode=var_mode, dtype=torch.float64)
     prev = prev.to(sample.dtype)
     if out is not None:

@@ -4,7 +4,9 @@ One row per schedule index t, built once in float64 on the host, cached per (sch
 and gathered by the fused kernel with the per-sample t:
 
     x̂₀     = A·x_t + B·out                                (optionally clipped: ±CLIP, or dynamic threshold)
-    x_{t−1} = C0·x̂₀ + C1·x_t + C2·out (+ D·base) + σ·z     (base: an optional third state, e.g. Heun's 2nd stage)
+    x_{t−1} = C0·x̂₀ + C1·x_t + C2·out + Σ_j Dj·h_j + σ·z   (h_0..h_2: the solver history, 0 to 3 more states:
+                                                           h_0 = ``base`` with D0 = D, e.g. Heun's 2nd stage;
+                                                           earlier x̂₀'s for multistep solvers)
     σ       = SIGMA                                        (VAR_FIXED)
             = SIGMA·exp(½·v)                               (VAR_LOG: the model's extra channels are log σ²)
             = SIGMA·exp(½·(f·LOG_HI + (1−f)·LOG_LO)), f = (v+1)/2   (VAR_RANGE)
@@ -23,12 +25,15 @@ from .kernels.modes import VAR_FIXED, VAR_LINEAR, VAR_LOG, VAR_RANGE
 from .reference import PREDICTION_TYPES, VARIANCE_TYPES
 from .schedule import Schedule
 
-__all__ = ["NCOL", "COL", "VAR_MODES", "x0_coefficients", "eps_coefficients", "ddpm_table", "ddim_table",
-           "finish_table", "device_table", "apply_table", "sorted_dynamic_threshold", "eps_linear", "VAR_FIXED",
-           "VAR_LOG", "VAR_RANGE", "VAR_LINEAR"]
+__all__ = ["NCOL", "COL", "HISTORY_COLS", "MAX_HISTORY", "history_tuple", "VAR_MODES", "x0_coefficients",
+           "eps_coefficients", "ddpm_table", "ddim_table", "finish_table", "device_table", "apply_table",
+           "sorted_dynamic_threshold", "eps_linear", "VAR_FIXED", "VAR_LOG", "VAR_RANGE", "VAR_LINEAR"]
 
-COL = dict(A=0, B=1, C0=2, C1=3, C2=4, SIGMA=5, LOG_LO=6, LOG_HI=7, CLIP=8, D=9)
-NCOL = 10
+COL = dict(A=0, B=1, C0=2, C1=3, C2=4, SIGMA=5, LOG_LO=6, LOG_HI=7, CLIP=8, D0=9, D1=10, D2=11)
+COL["D"] = COL["D0"]        # the history-of-one column (``base``), by its older name
+NCOL = 12
+HISTORY_COLS = ("D0", "D1", "D2")      # column of history entry h_j
+MAX_HISTORY = len(HISTORY_COLS)
 VAR_MODES = {"fixed_small": VAR_FIXED, "fixed_large": VAR_FIXED, "learned": VAR_LOG, "learned_range": VAR_RANGE}
 
 
@@ -69,13 +74,14 @@ def eps_linear(schedule: Schedule, prediction_type: str, clipped: bool):
 
 
 def finish_table(A, B, C0, C1, C2, sigma, *, clip: bool, clip_range: float = 1.0, log_lo=None, log_hi=None,
-                 D=None):
-    """Stack the columns into a float64 [T, NCOL] table; fold C0 into C1/C2 when x̂₀ is not clipped."""
+                 D=None, D1=None, D2=None):
+    """Stack the columns into a float64 [T, NCOL] table; fold C0 into C1/C2 when x̂₀ is not clipped. ``D``, ``D1``,
+    ``D2``: the history columns D0..D2 (zero when None)."""
     if not clip:
         C1, C2, C0 = C1 + C0 * A, C2 + C0 * B, torch.zeros_like(C0)
     zeros = torch.zeros_like(A)
     cols = [A, B, C0, C1, C2, sigma, zeros if log_lo is None else log_lo, zeros if log_hi is None else log_hi,
-            torch.full_like(A, float(clip_range)), zeros if D is None else D]
+            torch.full_like(A, float(clip_range))] + [zeros if d is None else d for d in (D, D1, D2)]
     return torch.stack([c.to(torch.float64) for c in cols], dim=1)
 
 
@@ -147,13 +153,29 @@ def sorted_dynamic_threshold(x0, ratio=0.995, max_value=1.0):
     return (torch.clamp(x, -s, s) / s).to(dtype)
 
 
-def apply_table(table, rows, x, out, *, var=None, z=None, base=None, clip=False, thresholding=False,
+def history_tuple(base=None, history=None) -> tuple:
+    """The solver history as a tuple of 0–3 tensors (h_0, h_1, h_2) from ``base`` (a history of one) or
+    ``history`` (a sequence; not both)."""
+    if history is None:
+        return () if base is None else (base,)
+    if base is not None:
+        raise ValueError("give the solver history as base= (one tensor) or history= (a sequence), not both")
+    if isinstance(history, torch.Tensor) or not isinstance(history, (tuple, list)):
+        raise TypeError(f"history must be a tuple or list of 0 to {MAX_HISTORY} tensors, got {type(history).__name__}")
+    if len(history) > MAX_HISTORY or any(not isinstance(h, torch.Tensor) for h in history):
+        raise ValueError(f"history must hold 0 to {MAX_HISTORY} tensors, got {len(history)} entries "
+                         f"({', '.join(type(h).__name__ for h in history)})")
+    return tuple(history)
+
+
+def apply_table(table, rows, x, out, *, var=None, z=None, base=None, history=None, clip=False, thresholding=False,
                 ratio=0.995, max_value=1.0, var_mode=VAR_FIXED, dtype=torch.float64):
     """The fused kernel's update in eager torch, computed in ``dtype``, from a table: returns (x_{t−1}, x̂₀) in
     ``dtype``.
 
     ``table``: [T, NCOL] (any float dtype, any device); ``rows``: int64 [B]; ``x``/``out``/``var``/``z``/``base``:
-    [B, ...] (``var`` the learned-variance channels, ``z`` the noise or None for no noise). Thresholding uses the
+    [B, ...] (``var`` the learned-variance channels, ``z`` the noise or None for no noise); ``history``: up to three
+    [B, ...] tensors h_0..h_2 with columns D0..D2 (``base`` is a history of one). Thresholding uses the
     reference's ``dynamic_threshold``. ``dtype=torch.float32`` is the "torch" backend's update (what the ops, the
     samplers and the diffusers drop-ins run off CUDA; every op stays in float32, so it runs where float64 does not,
     e.g. MPS); ``float64`` (the default) is the float64 twin used by ``backend="reference"`` on a float64 table.
@@ -178,8 +200,8 @@ def apply_table(table, rows, x, out, *, var=None, z=None, base=None, clip=False,
         r = col("CLIP")
         x0 = torch.maximum(torch.minimum(x0, r), -r)             # NaN-propagating, like the kernel's clamp
     prev = col("C0") * x0 + col("C1") * xd + col("C2") * od
-    if base is not None:
-        prev = prev + col("D") * base.to(cd)
+    for j, h in enumerate(history_tuple(base, history)):       # h_0, h_1, h_2 in order, as the kernel
+        prev = prev + col(HISTORY_COLS[j]) * h.to(cd)
     if z is not None:
         sig = col("SIGMA")
         if var_mode == VAR_FIXED:

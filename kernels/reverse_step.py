@@ -12,16 +12,20 @@ Per element (see ``fastrev.tables`` for the table's columns)::
 
     out     = the model output, or g_u·out_u + g_c·out_c with classifier-free guidance (the two halves of it)
     x̂₀      = A·x + B·out                  → clip (±CLIP) or dynamic threshold (per-sample s, from a pre-pass)
-    x_{t−1} = C0·x̂₀ + C1·x + C2·out (+ D·base) + σ·z   σ fixed or per element from the learned-variance channels
+    x_{t−1} = C0·x̂₀ + C1·x + C2·out + Σ_j Dj·h_j + σ·z   σ fixed or per element from the learned-variance channels
     z       = the caller's noise, or Philox4x32-10(seed; e//4, i, k, 0) through Box–Muller — fastrev.noise's stream,
               with k the per-sample noise step (the table row t unless the caller gives another)
 
-``base`` is an optional third state tensor (Heun's second stage averages two states); it costs one more read.
+h_0..h_{HISTORY−1} is the solver history: up to three more state tensors read in the same pass, with their own table
+columns D0..D2 (``base``, i.e. h_0 with column D = D0, is Heun's second stage; multistep solvers pass earlier x̂₀'s,
+the x̂₀ this kernel writes being the next entry, double-buffered by the caller). HISTORY (0–3) is a compile-time
+property of the launch, the number of history tensors passed: never a per-step value. Each costs one more read.
 
 Bytes moved per element, float32 storage (the minimum for the step):
     read x (4) + read out (4) + write x_{t−1} (4) + write x̂₀ (4)           = 16 B   (12 B without x̂₀)
     + 4 B to read external noise, + 4 B to read learned-variance channels, + 4 B to read the conditional half of a
-    classifier-free-guided output (combined in registers); the table, t and s are O(B) bytes.
+    classifier-free-guided output (combined in registers), + 4 B per history tensor (HISTORY 0–3: 16/20/24/28 B with
+    x̂₀); the table, t and s are O(B) bytes.
     bfloat16 / float16 storage halve every term; the math is float32. docs/kernel.md has the table per mode.
 
 Host side: one launcher, :func:`reverse_step`, taking the tensors as a :class:`StepTensors` named tuple and the
@@ -59,7 +63,9 @@ __all__ = ["StepTensors", "reverse_step", "device_guard", "INTERPRET", "CLIP_NON
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 # table columns (fastrev.tables.COL)
-_A, _B, _C0, _C1, _C2, _SIGMA, _LOG_LO, _LOG_HI, _CLIP, _D = (tl.constexpr(i) for i in range(10))
+_A, _B, _C0, _C1, _C2, _SIGMA, _LOG_LO, _LOG_HI, _CLIP, _D0, _D1, _D2 = (tl.constexpr(i) for i in range(12))
+_D = _D0            # the history-of-one column (``base``), by its older name
+MAX_HISTORY = 3
 
 
 # ------------------------------------------------------------------------------------------------ device functions
@@ -213,14 +219,16 @@ def _counter_normals(seed_lo, seed_hi, group0, sample, step, SAMPLES: tl.constex
 # ------------------------------------------------------------------------------------------------ the kernel
 @triton.jit(do_not_specialize=["sample_offset"])
 def _reverse_step_kernel(
-    x_ptr, out_ptr, var_ptr, noise_ptr, base_ptr,       # inputs [B, N]: x_t, model output, variance channels, z, base
+    x_ptr, out_ptr, var_ptr, noise_ptr,                  # inputs [B, N]: x_t, model output, variance channels, z
+    h0_ptr, h1_ptr, h2_ptr,                              # inputs [B, N]: the solver history (the first HISTORY read)
     thresh_ptr, table_ptr, t_ptr, step_ptr, seed_ptr,    # fp32 [B]; fp32 [T, NCOL]; int64 [B]; int64 [B]; int64 [1]
     prev_ptr, x0_ptr,                                    # outputs [B, N]
     cond_ptr, guide_ptr,                                 # guidance: conditional output [B, N]; fp32 [B, 2]
     B, N, sample_offset,
-    stride_x, stride_out, stride_var, stride_noise, stride_base, stride_prev, stride_x0, stride_cond, table_stride,
+    stride_x, stride_out, stride_var, stride_noise, stride_h0, stride_h1, stride_h2, stride_prev, stride_x0,
+    stride_cond, table_stride,
     CLIP_MODE: tl.constexpr, VAR_MODE: tl.constexpr, NOISE_MODE: tl.constexpr, WRITE_X0: tl.constexpr,
-    HAS_BASE: tl.constexpr, GUIDED: tl.constexpr,
+    HISTORY: tl.constexpr, GUIDED: tl.constexpr,
     SAMPLES: tl.constexpr, BLOCK_N: tl.constexpr, SUBTILES: tl.constexpr, INT64: tl.constexpr,
 ):
     """One program: SAMPLES samples × SUBTILES consecutive tiles of BLOCK_N elements. The per-program work (the
@@ -250,8 +258,12 @@ def _reverse_step_kernel(
         lim = tl.load(coef + _CLIP, mask=row_ok, other=1.0)[:, None]
     elif CLIP_MODE == modes.CLIP_THRESHOLD:
         lim = tl.load(thresh_ptr + rows, mask=row_ok, other=1.0)[:, None]
-    if HAS_BASE:
-        d = tl.load(coef + _D, mask=row_ok, other=0.0)[:, None]
+    if HISTORY >= 1:
+        d0 = tl.load(coef + _D0, mask=row_ok, other=0.0)[:, None]
+    if HISTORY >= 2:
+        d1 = tl.load(coef + _D1, mask=row_ok, other=0.0)[:, None]
+    if HISTORY >= 3:
+        d2 = tl.load(coef + _D2, mask=row_ok, other=0.0)[:, None]
     if GUIDED:      # out = g_u·uncond + g_c·cond (g_u = f·(1 − w), g_c = f·w; f the guidance-rescale factor)
         g_u = tl.load(guide_ptr + 2 * rows, mask=row_ok, other=0.0)[:, None]
         g_c = tl.load(guide_ptr + 2 * rows + 1, mask=row_ok, other=0.0)[:, None]
@@ -280,9 +292,15 @@ def _reverse_step_kernel(
         elif CLIP_MODE == modes.CLIP_THRESHOLD:
             x0 = tl.clamp(x0, -lim, lim, propagate_nan=tl.PropagateNan.ALL) / lim
         prev = c0 * x0 + c1 * x + c2 * o
-        if HAS_BASE:
-            base = tl.load(base_ptr + rows[:, None] * stride_base + cols[None, :], mask=mask, other=0.0)
-            prev += d * base.to(tl.float32)
+        if HISTORY >= 1:        # the solver history, in order h_0, h_1, h_2 (the twins add in the same order)
+            h = tl.load(h0_ptr + rows[:, None] * stride_h0 + cols[None, :], mask=mask, other=0.0)
+            prev += d0 * h.to(tl.float32)
+        if HISTORY >= 2:
+            h = tl.load(h1_ptr + rows[:, None] * stride_h1 + cols[None, :], mask=mask, other=0.0)
+            prev += d1 * h.to(tl.float32)
+        if HISTORY >= 3:
+            h = tl.load(h2_ptr + rows[:, None] * stride_h2 + cols[None, :], mask=mask, other=0.0)
+            prev += d2 * h.to(tl.float32)
 
         if NOISE_MODE != modes.NOISE_NONE:
             if VAR_MODE == modes.VAR_FIXED:
@@ -324,11 +342,12 @@ class StepTensors(NamedTuple):
     """The tensors of one step. Every [B, ...] tensor is contiguous within each sample (any batch stride).
 
     x, out: x_t and the model output (its ε/x₀/v part); table: float32 [T, NCOL] contiguous; t: int64 [B] contiguous
-    table rows; prev: x_{t−1} (written). Optional: var (learned-variance channels), noise (z), base (third state,
-    column D), thresh (float32 [B] dynamic-threshold scale), step (int64 [B] noise steps; None: t), seed (int64 [1],
-    read iff noise_mode is NOISE_PHILOX), x0 (x̂₀, written when given), cond + guide (classifier-free guidance: the
-    conditional half of the model output, and float32 [B, 2] contiguous (g_u, g_c): the output used is
-    g_u·out + g_c·cond, with ``out`` the unconditional half).
+    table rows; prev: x_{t−1} (written). Optional: var (learned-variance channels), noise (z), base (history entry
+    h_0, column D0 = D; Heun's third state), thresh (float32 [B] dynamic-threshold scale), step (int64 [B] noise
+    steps; None: t), seed (int64 [1], read iff noise_mode is NOISE_PHILOX), x0 (x̂₀, written when given), cond +
+    guide (classifier-free guidance: the conditional half of the model output, and float32 [B, 2] contiguous
+    (g_u, g_c): the output used is g_u·out + g_c·cond, with ``out`` the unconditional half), h1, h2 (history
+    entries h_1, h_2, columns D1, D2: h1 needs base, h2 needs h1 — the launch's HISTORY is how many are given).
     """
     x: torch.Tensor
     out: torch.Tensor
@@ -344,6 +363,17 @@ class StepTensors(NamedTuple):
     x0: torch.Tensor | None = None
     cond: torch.Tensor | None = None
     guide: torch.Tensor | None = None
+    h1: torch.Tensor | None = None
+    h2: torch.Tensor | None = None
+
+    @property
+    def history(self) -> tuple:
+        """The history tensors given, in order (h_0 = ``base``, h_1, h_2): a prefix, its length the HISTORY."""
+        hs = (self.base, self.h1, self.h2)
+        n = sum(h is not None for h in hs)
+        if any(h is None for h in hs[:n]):
+            raise ValueError("StepTensors: the history must be given in order (h1 needs base, h2 needs h1)")
+        return hs[:n]
 
 
 def _tile(n: int):
@@ -377,7 +407,11 @@ def _launch(kernel, ts: StepTensors, sample_offset: int, clip_mode: int, var_mod
         return
     samples, block_n, subtiles = _tile(N)
     # int64 offsets only when some tensor's [B, N] view reaches past 2^31 elements (chosen here, on the host)
-    span = max(_span(a, B, N) for a in (x, ts.out, ts.var, ts.noise, ts.base, prev, ts.x0, ts.cond))
+    hist = ts.history
+    if ts.table.shape[-1] <= _D0 + len(hist) - 1:
+        raise ValueError(f"table: a launch with {len(hist)} history tensors needs columns D0..D{len(hist) - 1}, "
+                         f"got a table of {ts.table.shape[-1]} columns")
+    span = max(_span(a, B, N) for a in (x, ts.out, ts.var, ts.noise, *hist, prev, ts.x0, ts.cond))
     int64 = bool(force_int64) or span >= 2**31 - 1 or B >= 2**31 - 1
     groups = triton.cdiv(B, samples)
     grid = (triton.cdiv(N, block_n * subtiles), min(groups, _MAX_GRID_YZ), triton.cdiv(groups, _MAX_GRID_YZ))
@@ -386,13 +420,14 @@ def _launch(kernel, ts: StepTensors, sample_offset: int, clip_mode: int, var_mod
     stride = lambda a: 0 if a is None else a.stride(0)  # noqa: E731
     with device_guard(x.device):
         kernel[grid](
-            x, ts.out, either(ts.var, x), either(ts.noise, x), either(ts.base, x), either(ts.thresh, x), ts.table,
+            x, ts.out, either(ts.var, x), either(ts.noise, x), either(ts.base, x), either(ts.h1, x), either(ts.h2, x),
+            either(ts.thresh, x), ts.table,
             ts.t, either(ts.step, ts.t), either(ts.seed, ts.t), prev, either(ts.x0, prev), either(ts.cond, x),
             either(ts.guide, ts.table), B, N, int(sample_offset),
-            x.stride(0), ts.out.stride(0), stride(ts.var), stride(ts.noise), stride(ts.base), prev.stride(0),
-            stride(ts.x0), stride(ts.cond), ts.table.stride(0),
+            x.stride(0), ts.out.stride(0), stride(ts.var), stride(ts.noise), stride(ts.base), stride(ts.h1),
+            stride(ts.h2), prev.stride(0), stride(ts.x0), stride(ts.cond), ts.table.stride(0),
             CLIP_MODE=clip_mode, VAR_MODE=var_mode, NOISE_MODE=noise_mode, WRITE_X0=ts.x0 is not None,
-            HAS_BASE=ts.base is not None, GUIDED=ts.cond is not None, SAMPLES=samples, BLOCK_N=block_n,
+            HISTORY=len(hist), GUIDED=ts.cond is not None, SAMPLES=samples, BLOCK_N=block_n,
             SUBTILES=subtiles, INT64=int64, num_warps=_NUM_WARPS,
         )
 
@@ -425,15 +460,16 @@ def _register():
     triton_op = getattr(torch.library, "triton_op", None)
     wrap = getattr(torch.library, "wrap_triton", None)
     if triton_op is None or wrap is None:  # pragma: no cover - torch < 2.6
-        return lambda *a: _launch(_reverse_step_kernel, StepTensors(*a[:14]), *a[14:])
+        return lambda *a: _launch(_reverse_step_kernel, StepTensors(*a[:16]), *a[16:])
 
     @triton_op("fastrev::reverse_step", mutates_args={"prev", "x0"})
     def _reverse_step_op(x: torch.Tensor, out: torch.Tensor, table: torch.Tensor, t: torch.Tensor, prev: torch.Tensor,
                          var: torch.Tensor | None, noise: torch.Tensor | None, base: torch.Tensor | None,
                          thresh: torch.Tensor | None, step: torch.Tensor | None, seed: torch.Tensor | None,
                          x0: torch.Tensor | None, cond: torch.Tensor | None, guide: torch.Tensor | None,
-                         sample_offset: int, clip_mode: int, var_mode: int, noise_mode: int, force_int64: bool) -> None:
-        ts = StepTensors(x, out, table, t, prev, var, noise, base, thresh, step, seed, x0, cond, guide)
+                         h1: torch.Tensor | None, h2: torch.Tensor | None, sample_offset: int, clip_mode: int,
+                         var_mode: int, noise_mode: int, force_int64: bool) -> None:
+        ts = StepTensors(x, out, table, t, prev, var, noise, base, thresh, step, seed, x0, cond, guide, h1, h2)
         _launch(wrap(_reverse_step_kernel), ts, sample_offset, clip_mode, var_mode, noise_mode, force_int64)
 
     return _reverse_step_op

@@ -20,11 +20,13 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 CASES = [  # dtype, constexprs
     ("fp32", dict(CLIP_MODE=0, VAR_MODE=0, NOISE_MODE=2)),
     ("fp32", dict(CLIP_MODE=1, VAR_MODE=2, NOISE_MODE=2, INT64=True)),
-    ("fp32", dict(CLIP_MODE=2, VAR_MODE=1, NOISE_MODE=1, HAS_BASE=True)),
+    ("fp32", dict(CLIP_MODE=2, VAR_MODE=1, NOISE_MODE=1, HISTORY=1)),
     ("fp32", dict(CLIP_MODE=1, VAR_MODE=3, NOISE_MODE=0, WRITE_X0=False, SAMPLES=256, BLOCK_N=4)),
     ("bf16", dict(CLIP_MODE=1, VAR_MODE=0, NOISE_MODE=2)),
     ("fp16", dict(CLIP_MODE=0, VAR_MODE=2, NOISE_MODE=1, SAMPLES=8, BLOCK_N=128)),
-    ("bf16", dict(CLIP_MODE=2, VAR_MODE=3, NOISE_MODE=2, HAS_BASE=True, WRITE_X0=False)),
+    ("bf16", dict(CLIP_MODE=2, VAR_MODE=3, NOISE_MODE=2, HISTORY=1, WRITE_X0=False)),
+    ("fp32", dict(CLIP_MODE=0, VAR_MODE=0, NOISE_MODE=2, HISTORY=3)),          # a multistep solver's history
+    ("bf16", dict(CLIP_MODE=1, VAR_MODE=0, NOISE_MODE=0, HISTORY=2)),
     ("fp32", dict(CLIP_MODE=1, VAR_MODE=1, NOISE_MODE=2, GUIDED=True)),
     ("bf16", dict(CLIP_MODE=2, VAR_MODE=0, NOISE_MODE=0, GUIDED=True, SAMPLES=4, BLOCK_N=256)),
 ]
