@@ -21,12 +21,8 @@ columns D0..D2 (``base``, i.e. h_0 with column D = D0, is Heun's second stage; m
 the x̂₀ this kernel writes being the next entry, double-buffered by the caller). HISTORY (0–3) is a compile-time
 property of the launch, the number of history tensors passed: never a per-step value. Each costs one more read.
 
-Bytes moved per element, float32 storage (the minimum for the step):
-    read x (4) + read out (4) + write x_{t−1} (4) + write x̂₀ (4)           = 16 B   (12 B without x̂₀)
-    + 4 B to read external noise, + 4 B to read learned-variance channels, + 4 B to read the conditional half of a
-    classifier-free-guided output (combined in registers), + 4 B per history tensor (HISTORY 0–3: 16/20/24/28 B with
-    x̂₀); the table, t and s are O(B) bytes.
-    bfloat16 / float16 storage halve every term; the math is float32. docs/kernel.md has the table per mode.
+Bytes moved per element for each mode (history length, guidance, noise source, dtype): docs/kernel.md; how the
+benchmarks count them: docs/benchmarks.md#bytes-moved.
 
 Host side: one launcher, :func:`reverse_step`, taking the tensors as a :class:`StepTensors` named tuple and the
 modes of :mod:`fastrev.kernels.modes`; it picks int32/int64 offsets, the grid and the CUDA device, and goes through
