@@ -5,6 +5,7 @@ backends."""
 
 import pytest
 import torch
+from _graph import EmulatedGraph
 
 import fastrev
 from fastrev.models import GaussianMixture
@@ -233,23 +234,6 @@ class EmbedModel:
         return 0.8 * s * x + self.emb[label]
 
 
-class _EmulatedGraph:
-    """capture() records the step without running it, replay() runs it again (as in test_samplers)."""
-
-    def __init__(self, device):
-        self.fn = None
-
-    def warmup(self, fn, times=2):
-        for _ in range(times):
-            fn()
-
-    def capture(self, fn):
-        self.fn = fn
-
-    def replay(self):
-        return self.fn()
-
-
 GRAPH_RUNS = [dict(method="ddpm"), dict(method="ode"), dict(method="pc", corrector_norms="sample")]
 
 
@@ -257,7 +241,7 @@ GRAPH_RUNS = [dict(method="ddpm"), dict(method="ode"), dict(method="pc", correct
 def test_guided_graph_step_reads_everything_from_device_buffers(monkeypatch, kw):
     from fastrev.sampling import graph as SG
 
-    monkeypatch.setattr(SG, "GRAPH_IMPL", _EmulatedGraph)
+    monkeypatch.setattr(SG, "GRAPH_IMPL", EmulatedGraph)
     monkeypatch.setattr(SG, "check_graph_support", lambda device, fused: None)
     model = EmbedModel("cpu")
     w = torch.tensor([0.5, 1.0, 2.0, 3.0, 4.0])

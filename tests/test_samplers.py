@@ -22,6 +22,7 @@ import statistics
 
 import pytest
 import torch
+from _graph import EmulatedGraph
 
 import fastrev
 import fastrev.samplers as SM
@@ -633,27 +634,9 @@ def test_options_object_is_frozen_validated_and_reusable():
 
 
 # ------------------------------------------------------------------------------------------------ CUDA graphs
-class _EmulatedGraph:
-    """capture() records the step function without running it, replay() runs it again: what a CUDA graph does, as
-    long as the step reads everything per-step from device buffers (a Python-side step value would be stale)."""
-
-    def __init__(self, device):
-        self.fn = None
-
-    def warmup(self, fn, times=2):
-        for _ in range(times):
-            fn()
-
-    def capture(self, fn):
-        self.fn = fn
-
-    def replay(self):
-        return self.fn()
-
-
 @pytest.mark.parametrize("kw", ALL_RUNS + [dict(method="ode", ode_solver="euler")])
 def test_graph_step_reads_everything_from_device_buffers(monkeypatch, kw):
-    monkeypatch.setattr(SG, "GRAPH_IMPL", _EmulatedGraph)
+    monkeypatch.setattr(SG, "GRAPH_IMPL", EmulatedGraph)
     monkeypatch.setattr(SG, "check_graph_support", lambda device, fused: None)
     s, g = _small_for(kw)
     seen_a, seen_b = [], []
