@@ -101,8 +101,10 @@ def _model(shape, seed=3):
     return f
 
 
-def _loop(sched, n=8, *, shape=SHAPE, gen=True, step_kw=None, set_kw=None, dtype=torch.float32, x=None):
-    """A pipeline-shaped loop; returns (final sample, per-step outputs, per-step scales).
+def _loop(sched, n=8, *, shape=SHAPE, gen=True, step_kw=None, set_kw=None, dtype=torch.float32, x=None,
+          contiguous=False):
+    """A pipeline-shaped loop; returns (final sample, per-step outputs, per-step scales). The model's output is
+    channel-strided (einsum) unless ``contiguous``.
 
     The scales are the magnitudes diffusers' float32 arithmetic acts on: |x| for prev_sample (x + d·dt rounds at the
     size of x, e.g. 4096 at zero-terminal-SNR's σ_max), and |A·x| + |B·out| for x̂₀ = A·x + B·out."""
@@ -123,6 +125,7 @@ def _loop(sched, n=8, *, shape=SHAPE, gen=True, step_kw=None, set_kw=None, dtype
     for i, t in enumerate(sched.timesteps):
         xin = sched.scale_model_input(x, t) if hasattr(sched, "scale_model_input") else x
         out = model(xin, t).to(dtype)
+        out = out.contiguous() if contiguous else out
         sig = float(sched.sigmas[i])
         a, b = {"epsilon": (1.0, sig), "v_prediction": (1 / (sig**2 + 1), sig / math.sqrt(sig**2 + 1))}.get(pt, (0, 1))
         ax, ao = x.double().abs().max().item(), out.double().abs().max().item()
@@ -490,6 +493,45 @@ def test_per_sample_timesteps():
                 if noisy:
                     module.randn_tensor = orig
             _close(prev[b:b + 1], ref, what=f"{name} sample {b} at step {i}")
+
+
+@pytest.mark.parametrize("name,cfg,step_kw", [
+    ("euler", dict(SD), {}),
+    ("euler", dict(prediction_type="v_prediction"), {}),
+    ("euler", dict(prediction_type="sample"), {}),
+    ("euler", dict(SD), dict(s_churn=1.0)),
+    ("euler", {}, dict(s_churn=3.0, s_tmin=0.3, s_tmax=4.0, s_noise=1.003)),
+    ("ancestral", dict(SD), {}),
+    ("flow", dict(shift=3.0), {}),
+    ("flow", dict(shift=3.0, stochastic_sampling=True), {}),
+])
+def test_cpu_fast_path_is_fused_step_bit_for_bit(monkeypatch, name, cfg, step_kw):
+    """Host-indexed steps on plain float32 CPU tensors call the one-pass CPU update directly (not through fused_step):
+    every step's outputs equal fused_step's bit for bit (exact and fast mode, B = 1 and 3, scale_model_input in the
+    loop); the direct path is the one taken, the device counter follows the host index, and a channel-strided model
+    output takes fused_step."""
+    _, fast_cls = PAIRS[name]
+    taken = []
+    direct = DE._FastEulerBase._cpu_step
+    monkeypatch.setattr(DE._FastEulerBase, "_cpu_step", lambda self, *a: taken.append(1) or direct(self, *a))
+    for shape in ((1, 4, 8, 8), (3, 2, 4, 4)):
+        for gen in (True, False):
+            runs = []
+            for on in (True, False):
+                monkeypatch.setattr(DE, "_CPU_FAST", on)
+                taken.clear()
+                s = fast_cls(**cfg)
+                s.noise_seed = 21
+                runs.append(_loop(s, n=6, shape=shape, gen=gen, step_kw=step_kw, contiguous=True)[1])
+                assert len(taken) == (6 if on else 0)
+                assert s.step_index == 6 and int(s._idx) == 6
+            for i, (a, b) in enumerate(zip(*runs, strict=True)):
+                for u, v in zip(a, b, strict=True):
+                    assert torch.equal(u, v), f"{name} {shape} gen={gen} step {i}"
+    monkeypatch.setattr(DE, "_CPU_FAST", True)
+    taken.clear()
+    _loop(fast_cls(**cfg), n=3, step_kw=step_kw)                  # channel-strided output: through fused_step
+    assert not taken
 
 
 def test_fast_device_path_never_reads_back(monkeypatch):
