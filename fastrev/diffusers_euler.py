@@ -55,6 +55,13 @@ the fused Triton kernel on CUDA and ``fastrev.ops.fused_step``'s torch update el
 autograd); ``"triton"`` forces the kernel (CPU tensors under ``TRITON_INTERPRET=1``); ``"torch"`` / ``"reference"``
 force the torch update.
 
+CPU host overhead. On the CPU the step index is read and advanced on the host (the counter is a CPU tensor written
+through its numpy view: no torch op), the rows tensor and ``scale_model_input``'s divisor are cached per row, and a
+step on plain float32 contiguous CPU tensors ("torch" backend, index known on the host) calls the one-pass CPU update
+(:func:`fastrev._cpu.table_step`, what ``fused_step`` runs for such tensors) directly with coefficient rows gathered
+once per chain: the same pass and the same bits as through ``fused_step``, without its per-call dispatch. Anything
+else (other dtypes, layouts, autograd, per-sample timesteps, the device path) goes through ``fused_step``.
+
 Differences from diffusers (everything else matches):
   * ``pred_original_sample`` has the sample's dtype (diffusers: float32 after its upcast, or ``model_output`` itself
     for ``prediction_type="sample"``); ``prev_sample`` has ``model_output``'s dtype as in diffusers.
