@@ -480,15 +480,15 @@ class _FastEulerBase:
         needs_grad = torch.is_grad_enabled() and (sample.requires_grad or model_output.requires_grad)
         backend = _resolve_backend(self.backend, device, any_f64, needs_grad)
         tdtype = _ops.table_dtype(backend, any_f64)
-        table = self._table(key, device, tdtype)
         # the x̂₀ of a churned step carries the noise too: a second launch on the x̂₀ table writes it
         split_x0 = self._has_x0 and x0_key is not None and stochastic
         if row is not None and backend == "torch" and _CPU_FAST and out_dtype is sdtype:
             if _cpu_plain(sample, model_output, z):
-                prev, x0 = self._cpu_step(table, key, row, rows, sample, model_output, z, seed, stochastic,
-                                          self._table(x0_key, device, tdtype) if split_x0 else None, x0_key)
+                prev, x0 = self._cpu_step(key, x0_key if split_x0 else None, row, rows, sample, model_output, z,
+                                          seed, stochastic, tdtype)
                 self._advance()
                 return prev, x0
+        table = self._table(key, device, tdtype)
         out = None if out_dtype is sdtype else torch.empty_like(sample, dtype=out_dtype,
                                                                 memory_format=torch.contiguous_format)
         prev, x0 = _ops.fused_step(table, rows, sample, model_output, noise=z, seed=seed, stochastic=stochastic,
@@ -501,31 +501,31 @@ class _FastEulerBase:
             self._advance()
         return prev, x0
 
-    def _cpu_step(self, table, key, row, rows, sample, model_output, z, seed, stochastic, x0_table, x0_key):
+    def _cpu_step(self, key, x0_key, row, rows, sample, model_output, z, seed, stochastic, tdtype):
         """The "torch" backend's one-pass CPU update (:func:`fastrev._cpu.table_step`, what ``fused_step`` runs for
         these tensors), called directly for a host-indexed step on plain float32 CPU tensors: the same kernel, the
         same float32 coefficient rows (gathered once per chain and row, not per call) and the same noise, without
         ``fused_step``'s per-call dispatch (eligibility checks, row gather, output routing). Bit for bit the
-        ``fused_step`` result (tested)."""
+        ``fused_step`` result (tested). ``x0_key``: the churn's x̂₀ table (a second pass), or None."""
         B = sample.shape[0]
-        coef = self._coef_rows(table, key, row, B, rows)
+        coef = self._coef_rows(key, row, rows, tdtype)
         philox = stochastic and z is None
         noise_kw = dict(seed=seed, sample_index=_arange(B), step=rows) if philox else {}
         prev = torch.empty_like(sample)                                 # sample is contiguous: so are these
         x0 = torch.empty_like(sample) if self._has_x0 else None
         _cpu.table_step(coef, sample, model_output, z=z, stochastic=stochastic, prev=prev,
-                        x0=x0 if x0_table is None else None, **noise_kw)
-        if x0_table is not None:                                        # churn: x̂₀ from its own table, same noise
-            _cpu.table_step(self._coef_rows(x0_table, x0_key, row, B, rows), sample, model_output, z=z,
+                        x0=x0 if x0_key is None else None, **noise_kw)
+        if x0_key is not None:                                          # churn: x̂₀ from its own table, same noise
+            _cpu.table_step(self._coef_rows(x0_key, row, rows, tdtype), sample, model_output, z=z,
                             stochastic=True, prev=x0, **noise_kw)
         return prev, x0
 
-    def _coef_rows(self, table, key, row, B, rows) -> torch.Tensor:
-        """float32 [B, NCOL] rows ``row`` of the CPU ``table`` (of ``key``), cached for the chain."""
-        ck = ("coef", key, row, B)
+    def _coef_rows(self, key, row, rows, tdtype) -> torch.Tensor:
+        """[B, NCOL] rows ``row`` (``rows``: int64 [B] of it) of the CPU table of ``key``, cached for the chain."""
+        ck = ("coef", key, row, rows.shape[0], tdtype)
         coef = self._host_cache.get(ck)
         if coef is None:
-            coef = self._host_cache[ck] = table.index_select(0, rows)
+            coef = self._host_cache[ck] = self._table(key, _CPU, tdtype).index_select(0, rows)
         return coef
 
     def _host_rows(self, rows, per_sample) -> torch.Tensor:
