@@ -15,7 +15,7 @@ bit.
 
 How a step runs. Every one of these steps is linear in (sample, model output) plus noise::
 
-    x̂₀ = A·x + B·out            prev = C1·x + C2·out + SIGMA·z
+    x̂₀ = A·x + B·out [+ Z0·z]            prev = C1·x + C2·out + SIGMA·z
 
 with one row of float64 coefficients per step index, built on the host from diffusers' float32 sigmas when the chain
 is set, cast to float32 and kept on the device (``fastrev.tables`` layout, ``fastrev.ops.fused_step``: one fused kernel
@@ -46,9 +46,10 @@ Where the host is still needed (documented, never silent):
 
 Churn (``EulerDiscreteScheduler.step(s_churn=...)``): diffusers adds c·z (c = s_noise·√(σ̂² − σ²)) to the sample and
 computes x̂₀ from the churned sample, so the noise enters both outputs. prev = C1·(x + c·z) + C2·out puts C1·c in the
-SIGMA column; x̂₀ = A·(x + c·z) + B·out is a second launch of the same kernel on a second table (C1 = A, C2 = B,
-SIGMA = A·c) with the *same* noise (the same tensor in exact mode, the same counter in fast mode). Without churn (the
-default) the step is one launch.
+SIGMA column, x̂₀ = A·(x + c·z) + B·out puts A·c in the Z0 column, and the step is still **one launch**: the kernel's
+``x0_noise`` mode (X0_NOISE, a compile-time property of the launch) adds Z0·z to x̂₀ with the *same* z as prev's (the
+same tensor in exact mode, the same counter in fast mode). Exact mode launches without noise at a step whose γ is 0
+(diffusers draws nothing there); fast mode always generates it (times 0 there). Every step is one launch.
 
 Backends (``scheduler.backend``, an attribute, not config; see :func:`fastrev.ops.resolve_backend`): ``"auto"`` runs
 the fused Triton kernel on CUDA and ``fastrev.ops.fused_step``'s torch update elsewhere (CPU, float64 inputs,
@@ -457,9 +458,12 @@ class _FastEulerBase:
             raise ValueError(f"model_output is on {model_output.device} but sample is on {sample.device}")
 
     def _run(self, model_output, timestep, sample, *, key, stochastic, draw, noise_shape_dtype, generator,
-             x0_key=None):
-        """One step: rows, noise, backend, fused_step (+ the x̂₀ launch for churn). ``draw(rows_host)`` tells, in exact
-        mode, whether diffusers would draw noise now; ``noise_shape_dtype`` is (shape, dtype, device) of its draw."""
+             x0_key=None, x0_noise=False):
+        """One step: rows, noise, backend, one fused_step. ``draw(rows, per_sample)`` tells, in exact mode, whether
+        diffusers would draw noise now; ``noise_shape_dtype`` is (shape, dtype, device) of its draw. ``x0_noise``:
+        x̂₀ carries the step's noise too, through the table's Z0 column (Euler's churn), in the same launch — applied
+        when the step draws noise. ``x0_key``: x̂₀ written instead by a second launch on that key's table (C1, C2,
+        SIGMA as x̂₀'s A, B, noise coefficient) with the same noise; one launch with ``x0_noise`` is cheaper."""
         self._check_tensors(model_output, sample)
         device, B = sample.device, sample.shape[0]
         rows, per_sample, row = self._locate(timestep, B, device, for_step=True)
@@ -480,19 +484,20 @@ class _FastEulerBase:
         needs_grad = torch.is_grad_enabled() and (sample.requires_grad or model_output.requires_grad)
         backend = _resolve_backend(self.backend, device, any_f64, needs_grad)
         tdtype = _ops.table_dtype(backend, any_f64)
-        # the x̂₀ of a churned step carries the noise too: a second launch on the x̂₀ table writes it
+        x0_noise = bool(x0_noise) and stochastic          # a step that draws no noise adds none to x̂₀ either
         split_x0 = self._has_x0 and x0_key is not None and stochastic
         if row is not None and backend == "torch" and _CPU_FAST and out_dtype is sdtype:
             if _cpu_plain(sample, model_output, z):
                 prev, x0 = self._cpu_step(key, x0_key if split_x0 else None, row, rows, sample, model_output, z,
-                                          seed, stochastic, tdtype)
+                                          seed, stochastic, tdtype, x0_noise)
                 self._advance()
                 return prev, x0
         table = self._table(key, device, tdtype)
         out = None if out_dtype is sdtype else torch.empty_like(sample, dtype=out_dtype,
                                                                 memory_format=torch.contiguous_format)
         prev, x0 = _ops.fused_step(table, rows, sample, model_output, noise=z, seed=seed, stochastic=stochastic,
-                                   out=out, return_x0=self._has_x0 and not split_x0, backend=backend)
+                                   out=out, return_x0=self._has_x0 and not split_x0, backend=backend,
+                                   x0_noise=x0_noise)
         if split_x0:
             x0 = torch.empty_like(sample, memory_format=torch.contiguous_format)
             _ops.fused_step(self._table(x0_key, device, tdtype), rows, sample, model_output, noise=z, seed=seed,
@@ -501,7 +506,7 @@ class _FastEulerBase:
             self._advance()
         return prev, x0
 
-    def _cpu_step(self, key, x0_key, row, rows, sample, model_output, z, seed, stochastic, tdtype):
+    def _cpu_step(self, key, x0_key, row, rows, sample, model_output, z, seed, stochastic, tdtype, x0_noise=False):
         """The "torch" backend's one-pass CPU update (:func:`fastrev._cpu.table_step`, what ``fused_step`` runs for
         these tensors), called directly for a host-indexed step on plain float32 CPU tensors: the same kernel, the
         same float32 coefficient rows (gathered once per chain and row, not per call) and the same noise, without
@@ -514,7 +519,7 @@ class _FastEulerBase:
         prev = torch.empty_like(sample)                                 # sample is contiguous: so are these
         x0 = torch.empty_like(sample) if self._has_x0 else None
         _cpu.table_step(coef, sample, model_output, z=z, stochastic=stochastic, prev=prev,
-                        x0=x0 if x0_key is None else None, **noise_kw)
+                        x0=x0 if x0_key is None else None, x0_noise=x0_noise, **noise_kw)
         if x0_key is not None:                                          # churn: x̂₀ from its own table, same noise
             _cpu.table_step(self._coef_rows(x0_key, row, rows, tdtype), sample, model_output, z=z,
                             stochastic=True, prev=x0, **noise_kw)
@@ -628,7 +633,7 @@ class _SigmaEulerBase(_FastEulerBase):
 # ------------------------------------------------------------------------------------------------ Euler
 class FastEulerDiscreteScheduler(_SigmaEulerBase, SchedulerMixin, ConfigMixin):
     """Drop-in ``EulerDiscreteScheduler`` (SDXL's default): same config (plus ``fastrev_fixes``), API and numbers,
-    one fused launch per step (two with ``s_churn``). See the module doc for exact/fast noise, the device step index,
+    one fused launch per step (``s_churn`` included). See the module doc for exact/fast noise, the device step index,
     per-sample timesteps and ``fastrev_fixes``.
     """
 
@@ -697,15 +702,15 @@ class FastEulerDiscreteScheduler(_SigmaEulerBase, SchedulerMixin, ConfigMixin):
         return sig, nxt, sig_hat, gamma, c
 
     def _build_rows(self, key) -> torch.Tensor:
-        kind, churn = key
+        """The step on the churned sample x̂ = x + c·z: x̂₀ = A·x̂ + B·out = A·x + B·out + (Z0 = A·c)·z and
+        prev = x̂ + (x̂ − x̂₀)·r = C1·x + C2·out + (SIGMA = C1·c)·z, one z in both (c = 0 without churn)."""
+        _, churn = key
         sig, nxt, sig_hat, gamma, c = self._churn(churn)
         A, B = self._x0_coefficients(sig, sig_hat)
         zero = torch.zeros_like(sig)
-        if kind == "x0":              # x̂₀ of the churned sample: A·x + B·out + A·c·z, written as a step's "prev"
-            return _T.finish_table(zero, zero, zero, A, B, A * c, clip=False)
         r = (nxt - sig_hat) / sig_hat  # prev = x + (x − x̂₀)·(σ_next − σ̂)/σ̂, x the churned sample
         C1, C2 = 1 + r * (1 - A), -r * B
-        return _T.finish_table(A, B, zero, C1, C2, C1 * c, clip=False)
+        return _T.finish_table(A, B, zero, C1, C2, C1 * c, clip=False, Z0=A * c)
 
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, s_churn: float = 0.0,
              s_tmin: float = 0.0, s_tmax: float = float("inf"), s_noise: float = 1.0, generator=None,
@@ -742,7 +747,7 @@ class FastEulerDiscreteScheduler(_SigmaEulerBase, SchedulerMixin, ConfigMixin):
 
         prev, x0 = self._run(model_output, timestep, sample, key=("prev", churn), stochastic=any_churn, draw=draw,
                              noise_shape_dtype=(model_output.shape, model_output.dtype, model_output.device),
-                             generator=generator, x0_key=("x0", churn) if any_churn else None)
+                             generator=generator, x0_noise=any_churn)
         if not return_dict:
             return (prev, x0)
         return EulerDiscreteSchedulerOutput(prev_sample=prev, pred_original_sample=x0)

@@ -540,7 +540,8 @@ def test_fast_device_path_never_reads_back(monkeypatch):
     monkeypatch.setattr(DE, "_HOST_DEVICES", ())
     cases = [(FastEulerDiscreteScheduler, dict(SD), dict(s_churn=1.0)), (FastEulerAncestralDiscreteScheduler, {}, {}),
              (FastFlowMatchEulerDiscreteScheduler, dict(stochastic_sampling=True), {}),
-             (FastEulerDiscreteScheduler, dict(prediction_type="v_prediction"), {})]
+             (FastEulerDiscreteScheduler, dict(prediction_type="v_prediction"), {}),
+             (FastEulerDiscreteScheduler, {}, dict(s_churn=3.0, s_tmin=0.3, s_tmax=4.0))]    # γ > 0 at step 2 only
     for cls, cfg, kw in cases:
         ref_s = cls(**cfg)
         ref_s.noise_seed = 5
@@ -586,6 +587,62 @@ def test_triton_kernel_matches_torch_path(kernel_device, name, cfg, step_kw):
             x = torch.randn(shape, generator=torch.Generator().manual_seed(3), device="cpu").to(kernel_device)
             res.append(_loop(s, n=3, shape=shape, gen=gen, step_kw=step_kw, x=x)[0].cpu())
         _close(res[0], res[1], tol=2e-5, what=f"{name} gen={gen}")
+
+
+CHURN_WINDOW = dict(s_churn=3.0, s_tmin=0.3, s_tmax=4.0, s_noise=1.003)     # n = 3: γ > 0 at the middle step only
+
+
+def test_euler_churn_is_one_kernel_launch(kernel_device, monkeypatch):
+    """Euler with churn: one launch a step, x̂₀'s noise through the kernel's X0_NOISE (the same z as prev's), in exact
+    and fast mode; with a γ window exact mode launches without noise where γ = 0 (diffusers draws nothing there),
+    fast mode always with it (multiplied by 0 there). The interpreter (or GPU) run equals the torch path."""
+    from fastrev.kernels import reverse_step as K
+
+    launches = []
+    real = K.reverse_step
+
+    def counting(ts, **kw):
+        launches.append(bool(kw.get("x0_noise")))
+        return real(ts, **kw)
+
+    monkeypatch.setattr(K, "reverse_step", counting)
+    shape, n = (2, 2, 3, 3), 3
+    for step_kw, gen, want in ((dict(s_churn=1.0), True, [True] * 3), (dict(s_churn=1.0), False, [True] * 3),
+                               (CHURN_WINDOW, True, [False, True, False]), (CHURN_WINDOW, False, [True] * 3)):
+        res = []
+        for backend in ("triton", "torch"):
+            launches.clear()
+            s = FastEulerDiscreteScheduler(**SD)
+            s.backend = backend
+            s.noise_seed = 8
+            x = torch.randn(shape, generator=torch.Generator().manual_seed(3)).to(kernel_device)
+            _, outs, _ = _loop(s, n=n, shape=shape, gen=gen, step_kw=step_kw, x=x)
+            assert launches == (want if backend == "triton" else []), (step_kw, gen, backend)
+            res.append([(p.cpu(), x0.cpu()) for p, x0 in outs])
+        for i, ((pa, xa), (pb, xb)) in enumerate(zip(*res, strict=True)):
+            _close(pa, pb, tol=2e-5, what=f"prev step {i} {step_kw} gen={gen}")
+            _close(xa, xb, tol=2e-5, what=f"x0 step {i} {step_kw} gen={gen}")
+
+
+@pytest.mark.parametrize("contiguous", [False, True], ids=["fused_step", "direct-cpu"])
+def test_euler_churn_one_pass_on_the_torch_path(monkeypatch, contiguous):
+    """The torch path with churn: one fused_step a step (a channel-strided model output) or one pass of the CPU
+    update (a contiguous one), never a second launch for x̂₀; whole exact loops still equal diffusers to float32
+    rounding (prev and x̂₀, teacher forced too) — with a γ window as well."""
+    from fastrev import _cpu
+
+    calls = {"fused_step": 0, "table_step": 0}
+    for mod, name in ((DE._ops, "fused_step"), (_cpu, "table_step")):
+        real = getattr(mod, name)
+        monkeypatch.setattr(mod, name, lambda *a, _r=real, _n=name, **k: calls.__setitem__(_n, calls[_n] + 1) or
+                            _r(*a, **k))
+    for step_kw in (dict(s_churn=1.0), CHURN_WINDOW):
+        calls.update(fused_step=0, table_step=0)
+        s = FastEulerDiscreteScheduler(**SD)
+        _loop(s, n=3, step_kw=step_kw, contiguous=contiguous)
+        assert calls == ({"fused_step": 0, "table_step": 3} if contiguous else {"fused_step": 3, "table_step": 0})
+        _check_loop(EulerDiscreteScheduler(**SD), FastEulerDiscreteScheduler(**SD), n=3, step_kw=step_kw,
+                    contiguous=contiguous)
 
 
 def test_triton_kernel_per_sample_and_mixed_dtype(kernel_device):
