@@ -526,12 +526,15 @@ class _FastEulerBase:
         return prev, x0
 
     def _coef_rows(self, key, row, rows, tdtype) -> torch.Tensor:
-        """[B, NCOL] rows ``row`` (``rows``: int64 [B] of it) of the CPU table of ``key``, cached for the chain."""
-        ck = ("coef", key, row, rows.shape[0], tdtype)
-        coef = self._host_cache.get(ck)
-        if coef is None:
-            coef = self._host_cache[ck] = self._table(key, _CPU, tdtype).index_select(0, rows)
-        return coef
+        """[B, NCOL] rows ``row`` (``rows``: int64 [B] of it) of the CPU table of ``key``: a contiguous view of the
+        table (B = 1) or of its rows repeated B times (made once per chain), so a step gathers nothing."""
+        B = rows.shape[0]
+        ck = ("rows", key, B, tdtype)
+        rep = self._host_cache.get(ck)
+        if rep is None:
+            table = self._table(key, _CPU, tdtype)
+            rep = self._host_cache[ck] = table if B == 1 else table.repeat_interleave(B, dim=0)
+        return rep[row * B:(row + 1) * B]
 
     def _host_rows(self, rows, per_sample) -> torch.Tensor:
         """The current rows on the host (exact mode only: may read the device back, as diffusers does)."""
@@ -588,11 +591,13 @@ class _SigmaEulerBase(_FastEulerBase):
         device, dim = sample.device, sample.dim()
         B = sample.shape[0] if dim else 1
         rows, _, row = self._locate(timestep, B, device, for_step=False)
-        if row is not None:                 # host-indexed CPU step: the gathered divisor, cached per chain
-            key = ("scale", row, B, dim)
-            d = self._host_cache.get(key)
-            if d is None:
-                d = self._host_cache[key] = self._scale_divisor(rows, device, dim)
+        if row is not None:                 # host-indexed CPU step: a view of the divisors, shaped once per chain
+            key = ("scale", B, dim)
+            ds = self._host_cache.get(key)
+            if ds is None:
+                ds = self._host_cache[key] = self._scale_divisor(
+                    torch.arange(self._rows + 1).repeat_interleave(B), device, dim)
+            d = ds[row * B:(row + 1) * B]
         else:
             d = self._scale_divisor(rows, device, dim)
         self.is_scale_input_called = True

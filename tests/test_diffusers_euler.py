@@ -643,6 +643,16 @@ def test_euler_churn_one_pass_on_the_torch_path(monkeypatch, contiguous):
         assert calls == ({"fused_step": 0, "table_step": 3} if contiguous else {"fused_step": 3, "table_step": 0})
         _check_loop(EulerDiscreteScheduler(**SD), FastEulerDiscreteScheduler(**SD), n=3, step_kw=step_kw,
                     contiguous=contiguous)
+    if contiguous:      # the compiled pass (x̂₀'s noise in its vectorized loop) against the eager float32 update
+        for gen in (True, False):
+            runs = []
+            for available in (True, False):
+                monkeypatch.setattr(_cpu, "AVAILABLE", available)
+                s = FastEulerDiscreteScheduler(**SD)
+                s.noise_seed = 2
+                runs.append(_loop(s, n=4, gen=gen, step_kw=dict(s_churn=1.0), contiguous=True)[1])
+            for a, b in zip(*runs, strict=True):      # exact: bit for bit; fast: the pass's normals to 1e-6
+                torch.testing.assert_close(a, b, rtol=0 if gen else 1e-5, atol=0 if gen else 1e-4)
 
 
 def test_triton_kernel_per_sample_and_mixed_dtype(kernel_device):
