@@ -460,10 +460,11 @@ class _FastEulerBase:
     def _run(self, model_output, timestep, sample, *, key, stochastic, draw, noise_shape_dtype, generator,
              x0_key=None, x0_noise=False):
         """One step: rows, noise, backend, one fused_step. ``draw(rows, per_sample)`` tells, in exact mode, whether
-        diffusers would draw noise now; ``noise_shape_dtype`` is (shape, dtype, device) of its draw. ``x0_noise``:
-        x̂₀ carries the step's noise too, through the table's Z0 column (Euler's churn), in the same launch — applied
-        when the step draws noise. ``x0_key``: x̂₀ written instead by a second launch on that key's table (C1, C2,
-        SIGMA as x̂₀'s A, B, noise coefficient) with the same noise; one launch with ``x0_noise`` is cheaper."""
+        diffusers would draw noise now; ``noise_shape_dtype`` is (shape, dtype, device) of its draw (None:
+        ``model_output``'s). ``x0_noise``: x̂₀ carries the step's noise too, through the table's Z0 column (Euler's
+        churn), in the same launch — applied when the step draws noise. ``x0_key``: x̂₀ written instead by a second
+        launch on that key's table (C1, C2, SIGMA as x̂₀'s A, B, noise coefficient) with the same noise; one launch
+        with ``x0_noise`` is cheaper."""
         self._check_tensors(model_output, sample)
         device, B = sample.device, sample.shape[0]
         rows, per_sample, row = self._locate(timestep, B, device, for_step=True)
@@ -471,7 +472,8 @@ class _FastEulerBase:
         z, seed = None, None
         if generator is not None:
             if draw(rows, per_sample):
-                shape, dtype, zdev = noise_shape_dtype
+                shape, dtype, zdev = noise_shape_dtype or (model_output.shape, model_output.dtype,
+                                                           model_output.device)
                 z = randn_tensor(shape, generator=generator, device=zdev, dtype=dtype)
                 stochastic = True
             else:
@@ -513,7 +515,7 @@ class _FastEulerBase:
         ``fused_step``'s per-call dispatch (eligibility checks, row gather, output routing). Bit for bit the
         ``fused_step`` result (tested). ``x0_key``: the churn's x̂₀ table (a second pass), or None."""
         B = sample.shape[0]
-        coef = self._coef_rows(key, row, rows, tdtype)
+        coef = self._coef_rows(key, row, B, tdtype)
         philox = stochastic and z is None
         noise_kw = dict(seed=seed, sample_index=_arange(B), step=rows) if philox else {}
         prev = torch.empty_like(sample)                                 # sample is contiguous: so are these
@@ -521,14 +523,13 @@ class _FastEulerBase:
         _cpu.table_step(coef, sample, model_output, z=z, stochastic=stochastic, prev=prev,
                         x0=x0 if x0_key is None else None, x0_noise=x0_noise, **noise_kw)
         if x0_key is not None:                                          # churn: x̂₀ from its own table, same noise
-            _cpu.table_step(self._coef_rows(x0_key, row, rows, tdtype), sample, model_output, z=z,
+            _cpu.table_step(self._coef_rows(x0_key, row, B, tdtype), sample, model_output, z=z,
                             stochastic=True, prev=x0, **noise_kw)
         return prev, x0
 
-    def _coef_rows(self, key, row, rows, tdtype) -> torch.Tensor:
-        """[B, NCOL] rows ``row`` (``rows``: int64 [B] of it) of the CPU table of ``key``: a contiguous view of the
-        table (B = 1) or of its rows repeated B times (made once per chain), so a step gathers nothing."""
-        B = rows.shape[0]
+    def _coef_rows(self, key, row, B, tdtype) -> torch.Tensor:
+        """[B, NCOL]: B copies of row ``row`` of the CPU table of ``key``, a contiguous view of the table (B = 1) or
+        of its rows repeated B times (made once per chain), so a step gathers nothing."""
         ck = ("rows", key, B, tdtype)
         rep = self._host_cache.get(ck)
         if rep is None:
@@ -751,7 +752,7 @@ class FastEulerDiscreteScheduler(_SigmaEulerBase, SchedulerMixin, ConfigMixin):
             return bool((gamma[self._host_rows(rows, per_sample).numpy()] > 0).any())
 
         prev, x0 = self._run(model_output, timestep, sample, key=("prev", churn), stochastic=any_churn, draw=draw,
-                             noise_shape_dtype=(model_output.shape, model_output.dtype, model_output.device),
+                             noise_shape_dtype=None,
                              generator=generator, x0_noise=any_churn)
         if not return_dict:
             return (prev, x0)
@@ -819,7 +820,7 @@ class FastEulerAncestralDiscreteScheduler(_SigmaEulerBase, SchedulerMixin, Confi
                            "denoising. See `StableDiffusionPipeline` for a usage example.")
         prev, x0 = self._run(model_output, timestep, sample, key=("ancestral",), stochastic=True,
                              draw=lambda rows, per_sample: True,
-                             noise_shape_dtype=(model_output.shape, model_output.dtype, model_output.device),
+                             noise_shape_dtype=None,
                              generator=generator)
         if not return_dict:
             return (prev, x0)
@@ -932,7 +933,8 @@ class FastFlowMatchEulerDiscreteScheduler(_FastEulerBase, SchedulerMixin, Config
             st = bool(self.config.stochastic_sampling)
             prev, _ = self._run(model_output, timestep, sample, key=("flow", st), stochastic=st,
                                 draw=lambda rows, per_sample: st,
-                                noise_shape_dtype=(sample.shape, torch.float32, sample.device), generator=generator)
+                                noise_shape_dtype=None if generator is None else (sample.shape, torch.float32,
+                                                                                  sample.device), generator=generator)
         if not return_dict:
             return (prev,)
         return FlowMatchEulerDiscreteSchedulerOutput(prev_sample=prev)
