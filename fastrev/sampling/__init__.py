@@ -128,11 +128,13 @@ from .coefficients import (
     pc_predictor_table,
     sde_table,
 )
+from .multistep import dpmpp_table, unipc_table
 from .options import (
     CORRECTOR_NORMS,
     FLOW_METHODS,
     FLOW_PREDICTION,
     METHODS,
+    MULTISTEP_METHODS,
     ODE_SOLVERS,
     SAMPLER_BACKENDS,
     VP_METHODS,
@@ -140,6 +142,7 @@ from .options import (
 )
 
 __all__ = ["sample", "sample_range", "SampleOptions", "METHODS", "VP_METHODS", "FLOW_METHODS", "FLOW_PREDICTION",
-           "ODE_SOLVERS", "CORRECTOR_NORMS", "SAMPLER_BACKENDS", "noise_keys", "beta_dt", "sde_table",
-           "ode_euler_table", "ode_heun_table", "pc_corrector_table", "pc_predictor_table", "euler_table",
+           "MULTISTEP_METHODS", "ODE_SOLVERS", "CORRECTOR_NORMS", "SAMPLER_BACKENDS", "noise_keys", "beta_dt",
+           "sde_table", "dpmpp_table", "unipc_table", "ode_euler_table", "ode_heun_table", "pc_corrector_table",
+           "pc_predictor_table", "euler_table",
            "euler_ancestral_table", "flow_sigmas", "flow_euler_table"]
