@@ -484,7 +484,9 @@ def test_defaults_and_options():
     assert set(DPMPP) <= set(fastrev.samplers.METHODS) and set(MULTISTEP_METHODS) <= set(fastrev.samplers.VP_METHODS)
     if HAS_UNIPC:
         assert SampleOptions(method="unipc").solver_order == 2
-        assert SampleOptions(method="unipc", solver_order=3).replace(method="ddim").solver_order is None
+        assert SampleOptions(method="unipc").replace(method="ddim").solver_order is None    # a default, re-derived
+        with pytest.raises(ValueError, match="solver_order only applies"):                   # given: kept, refused
+            SampleOptions(method="unipc", solver_order=3).replace(method="ddim")
 
 
 BAD = [
