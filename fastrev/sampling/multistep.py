@@ -220,7 +220,7 @@ def dpmpp_table(R: Schedule, order: int = 2, sde: bool = False, prediction_type=
     A, B = T.x0_coefficients(R, prediction_type)
     col = lambda j: _stack(steps, lambda r: r[0][j])  # noqa: E731
     zeros = torch.zeros_like(A)
-    hist = {"D" + ("" if j == 0 else str(j)): col(_m(1 + j)) for j in range(dpmpp_history(order))}
+    hist = {T.HISTORY_COLS[j]: col(_m(1 + j)) for j in range(dpmpp_history(order))}
     return T.finish_table(A, B, col(_m(0)), col(X), zeros, _stack(steps, lambda r: r[1]), clip=clip, **hist)
 
 
@@ -236,5 +236,4 @@ def unipc_table(R: Schedule, order: int = 2, prediction_type="epsilon", clip=Fal
     basis = [XC] + [_m(j) for j in range(1, n)]       # h_0 = x^c_{k−1}, h_j = m_{k−j}
     kw = {T.HISTORY_COLS[j]: pv(b) for j, b in enumerate(basis)}
     kw.update({T.AUX_HISTORY_COLS[j]: av(b) for j, b in enumerate(basis)})
-    return T.finish_table(A, B, pv(_m(0)), pv(X), zeros, zeros, clip=clip, AX0=av(_m(0)), AX=av(X),
-                          **{("D" if k == "D0" else k): v for k, v in kw.items()})
+    return T.finish_table(A, B, pv(_m(0)), pv(X), zeros, zeros, clip=clip, AX0=av(_m(0)), AX=av(X), **kw)

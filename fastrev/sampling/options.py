@@ -22,7 +22,7 @@ from ..schedule import TIMESTEP_SPACINGS
 __all__ = ["SampleOptions", "METHODS", "VP_METHODS", "FLOW_METHODS", "MULTISTEP_METHODS", "CORRECTOR_NORMS",
            "ODE_SOLVERS", "SAMPLER_BACKENDS", "FLOW_PREDICTION", "DTYPES", "UNIPC_ORDERS"]
 
-MULTISTEP_METHODS = ("dpmpp_2m", "dpmpp_3m", "dpmpp_2m_sde", "dpmpp_3m_sde")  # INTERIM: + "unipc" after the kernel API
+MULTISTEP_METHODS = ("dpmpp_2m", "dpmpp_3m", "dpmpp_2m_sde", "dpmpp_3m_sde", "unipc")
 """The multistep solvers (DPM-Solver++ 2M / 3M and their SDE variants, UniPC bh2): one launch per step that reads
 earlier x̂₀'s in the same pass (:mod:`fastrev.sampling.multistep`)."""
 VP_METHODS = ("ddpm", "ddim", "sde", "ode", "pc", "euler", "euler_a") + MULTISTEP_METHODS

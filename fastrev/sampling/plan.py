@@ -32,11 +32,6 @@ __all__ = ["Plan", "Chunk", "VPGrid", "FlowGrid", "TableSet", "ModelCheck", "Con
            "PerSampleCorrector", "table_dtype"]
 
 
-import inspect  # noqa: E402  INTERIM
-
-_HAS_X0_OUT = "x0_out" in inspect.signature(ops.fused_step).parameters
-
-
 def table_dtype(backend: str, any_f64: bool = False) -> torch.dtype:
     """The dtype of the tables (and of the per-sample corrector's arithmetic) on a resolved backend: the ops' rule
     (:func:`fastrev.ops.table_dtype`: float64 for the reference and for float64 runs, float32 otherwise)."""
@@ -314,20 +309,11 @@ class Plan:
         or None. With ``guidance`` (from :meth:`predict`), ``out`` is the unconditional half and the fused step
         combines the halves (in the kernel's registers on the fused backend). ``x0_out`` / ``aux_out``: buffers the
         step writes x̂₀ / the table's aux output into (a multistep solver's history)."""
-        extra = {}
-        if x0_out is not None:
-            extra["x0_out"] = x0_out
-        if aux_out is not None:
-            extra["aux_out"] = aux_out
-        if not _HAS_X0_OUT:      # INTERIM until the kernel API lands: x̂₀ written to a fresh buffer, then copied
-            extra.pop("x0_out", None)
         res = ops.fused_step(table, rows, x, out, learned=learned, variance_type=self.opts.variance_type,
                              clip=self.opts.clip_sample, noise=noise, seed=self.seed, sample_offset=offset,
                              stochastic=stochastic, out=dst, return_x0=return_x0 or x0_out is not None, step=keys,
-                             base=base, history=history, backend=self.backend, guidance=guidance, **extra)
-        if not _HAS_X0_OUT and x0_out is not None:
-            x0_out.copy_(res.pred_original_sample)
-            return x0_out
+                             base=base, history=history, backend=self.backend, guidance=guidance, x0_out=x0_out,
+                             aux_out=aux_out)
         return res.pred_original_sample
 
     def predict(self, ch: "Chunk", x, t, learned: bool = False):
