@@ -84,8 +84,8 @@ TABLE_ERRORS = {
 }
 if HAS_UNIPC:
     TABLE_ERRORS.update({
-        "unipc-corrector-sign": ("unipc", "unipc_table", "D0", lambda c: -c, slice(None)),      # x^c_{k−1} in prev
-        "unipc-aux-scale": ("unipc", "unipc_table", "AH0", lambda c: 1.1 * c, slice(None)),     # x^c_k drifts
+        "unipc-corrector-sign": ("unipc", "unipc_table", "D0", lambda c: -c, slice(None)),   # x^c_{k−1} in x′: 0.45
+        "unipc-aux-scale": ("unipc", "unipc_table", "AH0", lambda c: 1.1 * c, slice(None)),  # x^c_k drifts: 0.53
     })
 
 
@@ -429,6 +429,20 @@ def test_graph_replay_per_phase_equals_eager(monkeypatch, method):
     assert all(torch.equal(p, q) for (_, p), (_, q) in zip(seen_a, seen_b, strict=True))
     # the last step lands on the last x̂₀ (first order into σ = 0)
     assert torch.allclose(seen_a[-1][1], a[3:], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("kw", [dict(method=m) for m in MULTISTEP_METHODS] +
+                         [dict(method="unipc", solver_order=o) for o in (1, 3)])
+def test_cuda_graph_matches_eager(kw):
+    """On a GPU: the real per-phase graphs (one memory pool) against the eager loop, two chunks, 11 steps (every
+    phase replayed at least once after its capture)."""
+    s, g = _small()
+    run = dict(num_steps=11, seed=2, batch_size=48, device="cuda", **kw)
+    a = fastrev.sample(g, (100, 3), s, **run)
+    b = fastrev.sample(g, (100, 3), s, cuda_graph=True, **run)
+    assert torch.isfinite(a).all()
+    assert ((a - b).abs().max() / a.abs().max()).item() <= 1e-6
 
 
 @pytest.mark.parametrize("method", ["dpmpp_2m_sde", "dpmpp_3m"] + (["unipc"] if HAS_UNIPC else []))
