@@ -33,7 +33,6 @@ from fastrev.schedule import Schedule
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 DPMPP = ("dpmpp_2m", "dpmpp_3m", "dpmpp_2m_sde", "dpmpp_3m_sde")
-HAS_UNIPC = "unipc" in MULTISTEP_METHODS
 N_Q = 2000
 
 
@@ -81,12 +80,9 @@ TABLE_ERRORS = {
     "3m-history2-sign": ("dpmpp_3m", "dpmpp_table", "D1", lambda c: -c, slice(None)),             # 0.37
     "2m_sde-noise-double": ("dpmpp_2m_sde", "dpmpp_table", "SIGMA", lambda c: 2 * c, slice(None)),  # 0.16
     "3m_sde-history-sign": ("dpmpp_3m_sde", "dpmpp_table", "D0", lambda c: -c, slice(None)),      # 4.6
+    "unipc-corrector-sign": ("unipc", "unipc_table", "D0", lambda c: -c, slice(None)),    # x^c_{k−1} in x′: 0.45
+    "unipc-aux-scale": ("unipc", "unipc_table", "AH0", lambda c: 1.1 * c, slice(None)),   # x^c_k drifts: 0.53
 }
-if HAS_UNIPC:
-    TABLE_ERRORS.update({
-        "unipc-corrector-sign": ("unipc", "unipc_table", "D0", lambda c: -c, slice(None)),   # x^c_{k−1} in x′: 0.45
-        "unipc-aux-scale": ("unipc", "unipc_table", "AH0", lambda c: 1.1 * c, slice(None)),  # x^c_k drifts: 0.53
-    })
 
 
 @pytest.mark.parametrize("case", list(TABLE_ERRORS))
@@ -230,10 +226,9 @@ EXACT_CASES = [(m, {}) for m in MULTISTEP_METHODS] + [
     ("dpmpp_3m", {"num_steps": 16, "timestep_spacing": "leading"}),
     ("dpmpp_2m_sde", {"prediction_type": "v_prediction", "clip_sample": True}),
     ("dpmpp_3m", {"prediction_type": "sample"}),
+    ("unipc", {"solver_order": 1}), ("unipc", {"solver_order": 3, "num_steps": 9}),
+    ("unipc", {"prediction_type": "v_prediction", "clip_sample": True}),
 ]
-if HAS_UNIPC:
-    EXACT_CASES += [("unipc", {"solver_order": 1}), ("unipc", {"solver_order": 3, "num_steps": 9}),
-                    ("unipc", {"prediction_type": "v_prediction", "clip_sample": True})]
 
 
 @pytest.mark.parametrize("method,kw", EXACT_CASES)
@@ -334,7 +329,6 @@ def test_dpmpp_matches_diffusers(monkeypatch, method, alg, order, N):
     assert (bad - want.double()).abs().max().item() > 10 * TOL_DIFFUSERS
 
 
-@pytest.mark.skipif(not HAS_UNIPC, reason="UniPC needs the kernel's aux output (API.md)")
 @pytest.mark.parametrize("order,N", [(2, 10), (2, 25), (3, 10), (1, 8)])
 def test_unipc_matches_diffusers(monkeypatch, order, N):
     from diffusers import UniPCMultistepScheduler
@@ -445,7 +439,7 @@ def test_cuda_graph_matches_eager(kw):
     assert ((a - b).abs().max() / a.abs().max()).item() <= 1e-6
 
 
-@pytest.mark.parametrize("method", ["dpmpp_2m_sde", "dpmpp_3m"] + (["unipc"] if HAS_UNIPC else []))
+@pytest.mark.parametrize("method", ["dpmpp_2m_sde", "dpmpp_3m", "unipc"])
 def test_batch_size_and_ranges(method):
     s, g = _small()
     kw = dict(method=method, num_steps=6, seed=4)
@@ -479,7 +473,7 @@ def test_guided_equals_the_combined_model(kernel_device, backend):
     s = model.parts[0].schedule
     cond = torch.tensor([1, 2, 1, 2, 1])
     w = torch.tensor([0.0, 1.0, 2.5, 4.0, 7.0], device=kernel_device if backend == "triton" else "cpu")
-    method = "unipc" if HAS_UNIPC else "dpmpp_2m_sde"
+    method = "unipc"
     dev = kernel_device if backend == "triton" else torch.device("cpu")
     kw = dict(method=method, num_steps=5, seed=7, backend=backend, device=dev)
     guided = fastrev.sample(model, (5, 3), s, conditioning=cond, negative_conditioning=torch.tensor([0]),
@@ -500,11 +494,10 @@ def test_defaults_and_options():
     assert (o.timestep_spacing, o.solver_order, o.prediction_type) == ("trailing", None, "epsilon")
     assert SampleOptions(method="dpmpp_2m", timestep_spacing="leading").timestep_spacing == "leading"
     assert set(DPMPP) <= set(fastrev.samplers.METHODS) and set(MULTISTEP_METHODS) <= set(fastrev.samplers.VP_METHODS)
-    if HAS_UNIPC:
-        assert SampleOptions(method="unipc").solver_order == 2
-        assert SampleOptions(method="unipc").replace(method="ddim").solver_order is None    # a default, re-derived
-        with pytest.raises(ValueError, match="solver_order only applies"):                   # given: kept, refused
-            SampleOptions(method="unipc", solver_order=3).replace(method="ddim")
+    assert SampleOptions(method="unipc").solver_order == 2
+    assert SampleOptions(method="unipc").replace(method="ddim").solver_order is None        # a default, re-derived
+    with pytest.raises(ValueError, match="solver_order only applies"):                       # given: kept, refused
+        SampleOptions(method="unipc", solver_order=3).replace(method="ddim")
 
 
 BAD = [
@@ -512,11 +505,11 @@ BAD = [
     (dict(method="dpmpp_2m", eta=0.5), ValueError, "eta only applies to method='ddim'"),
     (dict(method="dpmpp_3m", snr=0.1), ValueError, "snr only applies to method='pc'"),
     (dict(method="dpmpp_2m_sde", variance_type="fixed_large"), ValueError, "fixed_large' only applies"),
+    (dict(method="unipc", solver_order=4), ValueError, r"solver_order must be one of \(1, 2, 3\)"),
+    (dict(method="unipc", solver_order=2.0), TypeError, "solver_order must be an int"),
+    (dict(method="unipc", solver_order=True), TypeError, "solver_order must be an int"),
+    (dict(method="unipc", solver_order=0), ValueError, "solver_order must be one of"),
 ]
-if HAS_UNIPC:
-    BAD += [(dict(method="unipc", solver_order=4), ValueError, r"solver_order must be one of \(1, 2, 3\)"),
-            (dict(method="unipc", solver_order=2.0), TypeError, "solver_order must be an int"),
-            (dict(method="unipc", solver_order=True), TypeError, "solver_order must be an int")]
 
 
 @pytest.mark.parametrize("bad,exc,msg", BAD)
