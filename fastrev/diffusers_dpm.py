@@ -135,7 +135,7 @@ def dpm_rows(sigmas: torch.Tensor, level: int, *, algorithm_type: str, solver_or
     its aux columns when the kernel has them. A row whose order diffusers has no update for (sde-dpmsolver, order 3) is
     NaN."""
     cd = _F64 if float64 else torch.float32
-    S = sigmas.detach().cpu().to(torch.float32).to(cd)
+    S = sigmas.detach().to("cpu", torch.float32).to(cd)
     R = S.numel() - 1
     i = torch.arange(R)
     wrap = lambda k: S[(i + k) % (R + 1)]          # noqa: E731  diffusers' sigmas[step_index - k]: Python wraps at 0
