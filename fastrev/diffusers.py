@@ -827,8 +827,8 @@ class FastDDIMScheduler(_FastSchedulerBase, SchedulerMixin, ConfigMixin):
         return DDIMSchedulerOutput(prev_sample=prev, pred_original_sample=x0)
 
 
-# the σ-space and flow-matching drop-ins (fastrev/diffusers_euler.py), re-exported here: one import for every drop-in
-# the multistep DPM-Solver drop-in (fastrev/diffusers_dpm.py), re-exported here
+# the σ-space and flow-matching drop-ins (fastrev/diffusers_euler.py) and the multistep DPM-Solver drop-in
+# (fastrev/diffusers_dpm.py), re-exported here: one import for every drop-in
 from .diffusers_dpm import FastDPMSolverMultistepScheduler  # noqa: E402
 from .diffusers_euler import (  # noqa: E402
     FastEulerAncestralDiscreteScheduler,
