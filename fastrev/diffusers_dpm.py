@@ -307,6 +307,7 @@ class FastDPMSolverMultistepScheduler(_FastEulerBase, SchedulerMixin, ConfigMixi
         self.model_outputs = [None] * int(solver_order)
         self.lower_order_nums = 0
         self._pool: list = []               # m₀ buffers this scheduler allocated (reused once out of the history)
+        self._chain_tables: dict = {}       # (device, dtype) -> every level's (table, eps table), this chain
 
     # diffusers' own helpers, reused as they are (they read sigmas / timesteps / step_index / config)
     index_for_timestep = DPMSolverMultistepScheduler.index_for_timestep
@@ -334,6 +335,7 @@ class FastDPMSolverMultistepScheduler(_FastEulerBase, SchedulerMixin, ConfigMixi
         if mu is not None:                   # diffusers sets the attribute (not the dict entry) of its config
             self.config.flow_shift = st.config.flow_shift
         self._copy_chain_from_stock(device)
+        self._chain_tables = {}              # a new chain may have replaced device tables (another length)
         self.model_outputs = [None] * int(self.config.solver_order)
         self.lower_order_nums = 0
         if device is not None:
@@ -424,10 +426,15 @@ class FastDPMSolverMultistepScheduler(_FastEulerBase, SchedulerMixin, ConfigMixi
 
     def _tables(self, device, dtype):
         """Every level's table on ``device`` (all uploaded at the first step, so later steps copy nothing to the
-        device: a chain can be captured in a CUDA graph after one eager step)."""
-        return [(self._table(("step", lv), device, dtype),
-                 self._table(("eps", lv), device, dtype) if self._needs_eps_launch() else None)
+        device: a chain can be captured in a CUDA graph after one eager step). Cached per chain."""
+        key = (device, dtype)
+        tabs = self._chain_tables.get(key)
+        if tabs is None:
+            eps = self._needs_eps_launch()
+            tabs = self._chain_tables[key] = [
+                (self._table(("step", lv), device, dtype), self._table(("eps", lv), device, dtype) if eps else None)
                 for lv in range(int(self.config.solver_order))]
+        return tabs
 
     def _needs_eps_launch(self) -> bool:
         return bool(self.config.thresholding) and self.config.algorithm_type not in _DATA_PREDICTION \
