@@ -499,6 +499,42 @@ def test_fast_device_path_never_reads_back(monkeypatch):
         assert s.step_index == 6                        # read back on demand (one sync)
 
 
+@pytest.mark.parametrize("order", [1, 2, 3])
+def test_history_ring_never_copies_or_aliases(monkeypatch, order):
+    """With the kernel's ``x0_out`` (emulated by a copy when this fastrev predates it), m₀ goes into the buffer that
+    just fell out of the history: ``solver_order`` buffers for a whole chain, none aliasing a tensor the same launch
+    reads, and the loop unchanged."""
+    native = "x0_out" in inspect.signature(DD._ops.fused_step).parameters
+    orig = DD._ops.fused_step
+    seen = []
+
+    def spy(table, t, sample, model_output, *, x0_out=None, history=(), **kw):
+        if x0_out is not None:
+            seen.append(x0_out.data_ptr())
+            for r in (sample, model_output, *history):
+                assert x0_out.data_ptr() != r.data_ptr(), "x0_out aliases a tensor read in the same launch"
+        if native:
+            return orig(table, t, sample, model_output, x0_out=x0_out, history=history, **kw)
+        prev, x0 = orig(table, t, sample, model_output, history=history, **kw)
+        if x0_out is not None:
+            x0_out.copy_(x0)
+            x0 = x0_out
+        return DD._ops.StepOutput(prev, x0)
+
+    cfg = dict(solver_order=order, algorithm_type="sde-dpmsolver++")
+    ref = Fast(**cfg)
+    ref.noise_seed = 1
+    want = _loop(ref, 10, gen=False)[0]
+    monkeypatch.setattr(DD, "_HAS_X0_OUT", True)
+    monkeypatch.setattr(DD._ops, "fused_step", spy)
+    s = Fast(**cfg)
+    s.noise_seed = 1
+    got = _loop(s, 10, gen=False)[0]
+    assert torch.equal(got, want)
+    assert len(seen) == 10 and len(set(seen)) == order
+    assert len({m.data_ptr() for m in s.model_outputs}) == order
+
+
 # ------------------------------------------------------------------------------------------------ the kernel
 @pytest.mark.parametrize("cfg", [dict(solver_order=3, solver_type="heun"),
                                  dict(algorithm_type="sde-dpmsolver++", thresholding=True, sample_max_value=1.2),
