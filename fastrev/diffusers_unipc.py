@@ -403,7 +403,7 @@ class FastUniPCMultistepScheduler(_FastEulerBase, SchedulerMixin, ConfigMixin):
             return
         if not isinstance(values, (list, tuple)):
             raise TypeError(f"model_outputs must be a list of tensors, got {type(values).__name__}")
-        for cur, new in zip(reversed(self.model_outputs), reversed(list(values))):
+        for cur, new in zip(reversed(self.model_outputs), reversed(list(values)), strict=False):
             if cur is not None and new is not None:
                 cur.copy_(new)
 
