@@ -119,7 +119,7 @@ from .schedule import TIMESTEP_SPACINGS, spaced_timesteps  # noqa: E402
 
 __all__ = ["FastDDPMScheduler", "FastDDIMScheduler", "FastEulerDiscreteScheduler",
            "FastEulerAncestralDiscreteScheduler", "FastFlowMatchEulerDiscreteScheduler", "DDPM_VARIANCE_TYPES",
-           "BACKENDS"]
+           "BACKENDS", "FastUniPCMultistepScheduler"]
 
 #: diffusers' DDPM variance types (others are accepted with a warning and computed as diffusers does: β̃)
 DDPM_VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log", "learned",
@@ -833,3 +833,6 @@ from .diffusers_euler import (  # noqa: E402
     FastEulerDiscreteScheduler,
     FastFlowMatchEulerDiscreteScheduler,
 )
+
+# the UniPC drop-in (fastrev/diffusers_unipc.py), re-exported here too
+from .diffusers_unipc import FastUniPCMultistepScheduler  # noqa: E402
