@@ -266,6 +266,18 @@ def _fused_pass(table, rows, sample, model_output, hist, x0_out, aux_out, *, thr
     return prev.to(sample.dtype)
 
 
+class _HistoryList(list):
+    """``model_outputs``: a list whose item assignments write through to the scheduler's history."""
+
+    def __init__(self, items, setter):
+        super().__init__(items)
+        self._setter = setter
+
+    def __setitem__(self, i, value):
+        super().__setitem__(i, value)
+        self._setter(i, value)
+
+
 # ------------------------------------------------------------------------------------------------ the scheduler
 class FastUniPCMultistepScheduler(_FastEulerBase, SchedulerMixin, ConfigMixin):
     """Drop-in ``UniPCMultistepScheduler``: same config (plus ``fastrev_fixes``, no effect here), API and numbers; each
@@ -329,7 +341,8 @@ class FastUniPCMultistepScheduler(_FastEulerBase, SchedulerMixin, ConfigMixin):
         self.solver_p = solver_p
         self.num_inference_steps = None
         self._calls = 0                  # calls of step in this chain (host): diffusers' lower_order_nums uncapped
-        self._bufs = None                # (key, x̂₀ ring, last_sample pair)
+        self._ring = None                # x̂₀ (or ε) history: solver_order + 1 buffers, m_c in ring[c % len]
+        self._last = None                # last_sample: two buffers, x_c of call c in last[c % 2]
 
     # diffusers' helpers that pipelines and tests call (the stock class's own code)
     _sigma_to_t = UniPCMultistepScheduler._sigma_to_t
@@ -373,39 +386,63 @@ class FastUniPCMultistepScheduler(_FastEulerBase, SchedulerMixin, ConfigMixin):
 
     @property
     def last_sample(self):
-        """The corrected sample of the last step (the next corrector's base), a view of the live buffer; None before
-        the first step of a chain."""
+        """The corrected sample of the last step (the next corrector's base): the live history buffer (the next steps
+        overwrite it); None before the first step of a chain. Assigning a tensor replaces it (a copy), e.g. ChronoEdit
+        slicing the history to fewer frames mid-chain."""
         if self.solver_p is not None:
             return self._stock.last_sample
-        if self._calls == 0 or self._bufs is None:
+        if self._calls == 0 or self._last is None:
             return None
-        return self._bufs[2][(self._calls - 1) % 2]
+        return self._last[(self._calls - 1) % 2]
+
+    @last_sample.setter
+    def last_sample(self, value) -> None:
+        if self.solver_p is not None:
+            self._stock.last_sample = value
+            return
+        if self._calls == 0 or self._last is None:
+            if value is not None:
+                raise ValueError("last_sample can be assigned only in the middle of a chain (after a step)")
+            return
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"last_sample must be a torch.Tensor, got {type(value).__name__} (None, which turns the "
+                            "next corrector off in diffusers, is not supported mid-chain)")
+        self._last[(self._calls - 1) % 2] = value.detach().clone(memory_format=torch.contiguous_format)
 
     @property
     def model_outputs(self) -> list:
         """diffusers' list of the last ``solver_order`` converted outputs (x̂₀, or ε when not predict_x0), oldest
-        first, None where the chain has none yet: views of the live history buffers."""
+        first, None where the chain has none yet: the live history buffers (the next steps overwrite them). Assigning
+        the list, or an item of it, replaces the held entries (a copy; diffusers' tests and ChronoEdit do); entries
+        the chain does not hold yet are never read (diffusers' warm-up shifts them out unread) and are ignored."""
         so = self.config.solver_order
         if self.solver_p is not None:
             return self._stock.model_outputs
-        if self._bufs is None:
-            return [None] * so
-        ring = self._bufs[1]
-        w = min(self._calls, so)
-        return [None] * (so - w) + [ring[(self._calls - k) % len(ring)] for k in range(w, 0, -1)]
+        w = min(self._calls, so) if self._ring is not None else 0
+        held = [None] * (so - w) + [self._ring[(self._calls - k) % len(self._ring)] for k in range(w, 0, -1)]
+        return _HistoryList(held, self._set_model_output)
 
     @model_outputs.setter
     def model_outputs(self, values) -> None:
-        """Overwrite the held history (diffusers' tests assign it). Entries the chain does not hold yet are never read
-        (diffusers' warm-up shifts them out unread) and are ignored; held ones are copied into the buffers."""
         if self.solver_p is not None:
             self._stock.model_outputs = values
             return
         if not isinstance(values, (list, tuple)):
             raise TypeError(f"model_outputs must be a list of tensors, got {type(values).__name__}")
-        for cur, new in zip(reversed(self.model_outputs), reversed(list(values)), strict=False):
-            if cur is not None and new is not None:
-                cur.copy_(new)
+        so = self.config.solver_order
+        values = list(values)[-so:]
+        for j, v in enumerate(values):
+            self._set_model_output(so - len(values) + j, v)
+
+    def _set_model_output(self, pos: int, value) -> None:
+        so = self.config.solver_order
+        pos = pos + so if pos < 0 else pos
+        k = so - pos                                    # the entry of k calls ago
+        if self._ring is None or not 1 <= k <= min(self._calls, so) or value is None:
+            return
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"model_outputs entries must be torch.Tensors, got {type(value).__name__}")
+        self._ring[(self._calls - k) % len(self._ring)] = value.detach().clone(memory_format=torch.contiguous_format)
 
     # -------------------------------------------------------------------- step index (diffusers' UniPC rules)
     def _host_lookup(self, timestep) -> int:
@@ -508,21 +545,33 @@ class FastUniPCMultistepScheduler(_FastEulerBase, SchedulerMixin, ConfigMixin):
         return self._host_cache[("bad",) + key]
 
     # -------------------------------------------------------------------- history buffers
-    def _buffers(self, sample: torch.Tensor):
-        key = (tuple(sample.shape), sample.dtype, sample.device, int(self.config.solver_order))
-        if self._bufs is not None and self._bufs[0] == key:
-            return self._bufs
-        if self._calls > 0:
-            have = self._bufs[0] if self._bufs is not None else None
-            raise ValueError(f"sample changed in the middle of a chain (shape {tuple(sample.shape)}, {sample.dtype}, "
-                             f"{sample.device}; the history holds {have[:3] if have else None}): call set_timesteps "
-                             "to start a new chain")
+    def _history_buffers(self, sample: torch.Tensor, level: int):
+        """(history read by this call, x̂₀ target, x_c target). The buffers are allocated at the first step of a
+        chain (kept across chains of the same shape: a captured graph stays valid) and reused: the x̂₀ ring has
+        solver_order + 1 entries (the pass writes the one it does not read), last_sample two."""
+        c = self._calls
+        n = int(self.config.solver_order) + 1
+
+        def fits(t):
+            return (t is not None and t.shape == sample.shape and t.dtype == sample.dtype
+                    and t.device == sample.device and t.is_contiguous())
 
         def new():
             return torch.empty(sample.shape, dtype=sample.dtype, device=sample.device)
-        ring = [new() for _ in range(int(self.config.solver_order) + 1)]
-        self._bufs = (key, ring, [new(), new()])
-        return self._bufs
+        if self._ring is None or len(self._ring) != n or (c == 0 and not all(map(fits, self._ring + self._last))):
+            self._ring, self._last = [new() for _ in range(n)], [new(), new()]
+        hist = () if level == 0 else (self._last[(c - 1) % 2],) + tuple(self._ring[(c - k) % n]
+                                                                         for k in range(1, level + 1))
+        for h in hist:
+            if not (h.shape == sample.shape and h.dtype == sample.dtype and h.device == sample.device):
+                raise ValueError(f"sample (shape {tuple(sample.shape)}, {sample.dtype}, {sample.device}) does not "
+                                 f"match the history of this chain (shape {tuple(h.shape)}, {h.dtype}, {h.device}): "
+                                 "call set_timesteps to start a new chain, or assign model_outputs / last_sample to "
+                                 "match")
+        for buf, i in ((self._ring, c % n), (self._last, c % 2)):   # write targets (new after a history edit)
+            if not fits(buf[i]):
+                buf[i] = new()
+        return hist, self._ring[c % n], self._last[c % 2]
 
     # -------------------------------------------------------------------- the step
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, return_dict: bool = True):
@@ -563,15 +612,13 @@ class FastUniPCMultistepScheduler(_FastEulerBase, SchedulerMixin, ConfigMixin):
             raise ValueError(
                 f"UniPC step {self._host_step} (timestep {int(self._ts_host[self._host_step])}) has no finite answer "
                 f"for this config: {self._why_bad(self._host_step)} (diffusers gives inf/NaN or a singular solve)")
-        _, ring, last = self._buffers(sample)
-        hist = () if level == 0 else (last[(c - 1) % 2],) + tuple(ring[(c - k) % len(ring)]
-                                                                   for k in range(1, level + 1))
+        hist, x0_out, aux_out = self._history_buffers(sample, level)
         any_f64 = _F64 in (sample.dtype, model_output.dtype)
         needs_grad = torch.is_grad_enabled() and (sample.requires_grad or model_output.requires_grad)
         backend = _ops.resolve_backend(self.backend, device, any_f64=any_f64, needs_grad=needs_grad)
         table = self._table(key, device, _ops.table_dtype(backend, any_f64))
         thr = bool(self.config.thresholding) and bool(self.predict_x0)
-        prev = _fused_pass(table, rows, sample, model_output, hist, ring[c % len(ring)], last[c % 2],
+        prev = _fused_pass(table, rows, sample, model_output, hist, x0_out, aux_out,
                            thresholding=thr, ratio=float(self.config.dynamic_thresholding_ratio),
                            max_value=float(self.config.sample_max_value), backend=backend)
         if not per_sample:
