@@ -266,6 +266,11 @@ def _fused_pass(table, rows, sample, model_output, hist, x0_out, aux_out, *, thr
     return prev.to(sample.dtype)
 
 
+def _new_buffer(like: torch.Tensor) -> torch.Tensor:
+    """A history buffer shaped like the sample (tests replace this to poison the buffers with NaN)."""
+    return torch.empty(like.shape, dtype=like.dtype, device=like.device)
+
+
 class _HistoryList(list):
     """``model_outputs``: a list whose item assignments write through to the scheduler's history."""
 
@@ -557,7 +562,7 @@ class FastUniPCMultistepScheduler(_FastEulerBase, SchedulerMixin, ConfigMixin):
                     and t.device == sample.device and t.is_contiguous())
 
         def new():
-            return torch.empty(sample.shape, dtype=sample.dtype, device=sample.device)
+            return _new_buffer(sample)
         if self._ring is None or len(self._ring) != n or (c == 0 and not all(map(fits, self._ring + self._last))):
             self._ring, self._last = [new() for _ in range(n)], [new(), new()]
         hist = () if level == 0 else (self._last[(c - 1) % 2],) + tuple(self._ring[(c - k) % n]
