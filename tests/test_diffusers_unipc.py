@@ -505,3 +505,43 @@ def test_clear_errors():
     e.set_timesteps(5)
     with pytest.raises(ValueError, match="flow_prediction"):
         e.step(x, e.timesteps[0], x)
+
+
+# ------------------------------------------------------------------------------------------------ on a GPU
+@pytest.mark.cuda
+def test_cuda_whole_loop_graph_parity_and_no_sync():
+    """On a GPU: loops through the fused kernel equal diffusers' to TOL32; a whole loop (warmed up once: tables,
+    buffers, kernels) runs under torch.cuda.set_sync_debug_mode("error") and captured in one CUDA graph, whose replay
+    after set_timesteps equals the eager loop."""
+    dev = torch.device("cuda")
+    for cfg in (dict(solver_order=3), dict(WAN, flow_shift=3.0), dict(predict_x0=False, final_sigmas_type="sigma_min")):
+        x0 = torch.randn(SHAPE, generator=torch.Generator().manual_seed(11)).to(dev)
+
+        def loop(s, x):
+            for t in s.timesteps:
+                x = s.step(torch.tanh(x) + 0.1, t, x).prev_sample
+            return x
+        stock = UniPCMultistepScheduler(**cfg)
+        stock.set_timesteps(8, device=dev)
+        ref = loop(stock, x0.clone())
+        s = FastUniPCMultistepScheduler(**cfg)
+        s.set_timesteps(8, device=dev)
+        eager = loop(s, x0.clone())
+        _close([eager], [ref], TOL32, f"kernel {cfg}")
+        s.set_timesteps(8, device=dev)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            again = loop(s, x0.clone())
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        _close([again], [eager], 0.0, "second chain")
+        s.set_timesteps(8, device=dev)
+        static_x = x0.clone()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            out = loop(s, static_x)
+        s.set_timesteps(8, device=dev)
+        g.replay()
+        torch.cuda.synchronize()
+        _close([out], [eager], 0.0, "graph replay")
