@@ -42,10 +42,10 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-_PTRS = ("x_ptr", "out_ptr", "var_ptr", "noise_ptr", "base_ptr", "h0_ptr", "h1_ptr", "h2_ptr", "prev_ptr", "x0_ptr",
-         "cond_ptr")
+_PTRS = ("x_ptr", "out_ptr", "var_ptr", "noise_ptr", "base_ptr", "h0_ptr", "h1_ptr", "h2_ptr", "h3_ptr", "prev_ptr",
+         "x0_ptr", "aux_ptr", "cond_ptr")
 _DIV16 = ("N", "stride_x", "stride_out", "stride_var", "stride_noise", "stride_base", "stride_h0", "stride_h1",
-          "stride_h2", "stride_prev", "stride_x0", "stride_cond")
+          "stride_h2", "stride_h3", "stride_prev", "stride_x0", "stride_aux", "stride_cond")
 # modes as in fastrev.kernels.modes (plain numbers here: --module may load a copy of the kernel without that module)
 CLIP_RANGE, VAR_FIXED, VAR_RANGE, NOISE_NONE, NOISE_TENSOR, NOISE_PHILOX = 1, 0, 2, 0, 1, 2
 VARIANTS = {   # name: constexprs (see kernels/reverse_step.py)
@@ -58,8 +58,15 @@ VARIANTS = {   # name: constexprs (see kernels/reverse_step.py)
     # earlier x̂₀), and the widest, three with in-kernel noise (run with --variants; not in the default report)
     "hist1_ode": dict(CLIP_MODE=0, VAR_MODE=VAR_FIXED, NOISE_MODE=NOISE_NONE, HISTORY=1),
     "hist3_sde": dict(CLIP_MODE=0, VAR_MODE=VAR_FIXED, NOISE_MODE=NOISE_PHILOX, HISTORY=3),
+    "hist4_sde": dict(CLIP_MODE=0, VAR_MODE=VAR_FIXED, NOISE_MODE=NOISE_PHILOX, HISTORY=4),
+    # UniPC-like: two earlier x̂₀'s and the aux output (the corrected sample) written in the same pass, no noise
+    "hist2_aux": dict(CLIP_MODE=0, VAR_MODE=VAR_FIXED, NOISE_MODE=NOISE_NONE, HISTORY=2, AUX=True),
+    # Euler with churn: the noise enters x̂₀ too (X0_NOISE), the caller's noise tensor / the counter stream
+    "ddpm_noise_x0": dict(CLIP_MODE=0, VAR_MODE=VAR_FIXED, NOISE_MODE=NOISE_TENSOR, X0_NOISE=True),
+    "ddpm_x0": dict(CLIP_MODE=0, VAR_MODE=VAR_FIXED, NOISE_MODE=NOISE_PHILOX, X0_NOISE=True),
 }
-DEFAULT_VARIANTS = ("ddpm", "ddpm_noise", "ddim", "learned_range", "ddpm_cfg")
+DEFAULT_VARIANTS = ("ddpm", "ddpm_noise", "ddim", "learned_range", "ddpm_cfg", "hist2_aux", "ddpm_noise_x0",
+                    "ddpm_x0")
 ELEM_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
 # the roofline model of docs/kernel.md
@@ -86,13 +93,18 @@ def compile_variant(K, dtype: str, consts: dict, arch, block_n: int, num_warps: 
     fn = K._reverse_step_kernel
     names = fn.arg_names
     defaults = dict(WRITE_X0=True, SAMPLES=1, BLOCK_N=block_n, INT64=False)
-    # the history: HISTORY (0-3 tensors) in this kernel, HAS_BASE (0-1) in older copies (--module)
+    # the history: HISTORY (0-4 tensors) in this kernel, HAS_BASE (0-1) in older copies (--module)
     if "HISTORY" in names:
         defaults["HISTORY"] = 0
     else:
         defaults["HAS_BASE"] = False
     if "GUIDED" in names:
         defaults["GUIDED"] = False
+    for flag in ("AUX", "X0_NOISE"):          # the aux output and x̂₀'s noise term (absent in older copies)
+        if flag in names:
+            defaults[flag] = False
+    if any(k not in names for k in consts):
+        raise ValueError(f"this kernel has no constexpr {[k for k in consts if k not in names]}")
     if "SUBTILES" in names:
         defaults["SUBTILES"] = subtiles or getattr(K, "_SUBTILES", 1)
     constexprs = {**defaults, **consts}
@@ -216,10 +228,10 @@ def occupancy(regs: int, shared: int, num_warps: int) -> float:
 
 def bytes_per_element(variant: str, dtype: str, write_x0: bool = True) -> int:
     """Bytes moved per element by a variant: read x and out, write x_{t−1} (and x̂₀), + noise / variance / conditional
-    half (guidance) / history reads."""
+    half (guidance) / history reads, + the aux output's write."""
     c = VARIANTS[variant]
     n = 3 + int(write_x0) + int(c["NOISE_MODE"] == NOISE_TENSOR) + int(c["VAR_MODE"] != VAR_FIXED) + \
-        int(c.get("GUIDED", False)) + int(c.get("HISTORY", 0))
+        int(c.get("GUIDED", False)) + int(c.get("HISTORY", 0)) + int(c.get("AUX", False))
     return n * ELEM_BYTES[dtype]
 
 

@@ -3,9 +3,10 @@
 Off CUDA the default backend ("torch") is the coefficient-table update of :func:`fastrev.tables.apply_table` in
 float32. For the common case — float32, CPU, per-sample contiguous tensors, no autograd — this module runs that same
 update as one compiled loop that reads x, the model output (and the variance channels, the noise tensor, the
-solver history h_0..h_2) once and writes x_{t−1} (and x̂₀) once, drawing the counter-stream noise of :mod:`fastrev.noise`
-(Philox4x32-10 + Box–Muller) inline. diffusers' step is ~10 full-tensor torch ops plus ``torch.randn``; this is one
-pass, which is why it is faster than the step it replaces even though Philox costs about as much as torch's RNG.
+solver history h_0..h_3) once and writes x_{t−1} (and x̂₀, the aux output) once, drawing the counter-stream noise of
+:mod:`fastrev.noise` (Philox4x32-10 + Box–Muller) inline. diffusers' step is ~10 full-tensor torch ops plus
+``torch.randn``; this is one pass, which is why it is faster than the step it replaces even though Philox costs about
+as much as torch's RNG.
 
 Exactness. The update is float32 in the same operation order as the eager torch update (no fast-math: no FMA
 contraction, no reassociation), so it equals the eager float32 path bit for bit for fixed variances (tested; the
@@ -156,12 +157,14 @@ def counter_normals(seed: torch.Tensor, sample_index: torch.Tensor, step: torch.
 
 
 def table_step(coef, x, o, *, var=None, z=None, base=None, thresh=None, clip=False, var_mode=0, seed=None,
-               sample_index=None, step=None, stochastic=False, prev, x0=None, history=None) -> None:
-    """One table update into ``prev`` (and ``x0``): ``coef`` float32 [B, NCOL] (the gathered rows), tensors as in
-    :func:`fastrev.tables.apply_table` (float32, CPU, per-sample contiguous; check :func:`eligible`). Noise: ``z``
-    if given, else the counter stream of ``seed`` for ``sample_index``/``step`` when ``stochastic``.
-    ``thresh``: float32 [B] dynamic-threshold scales (clip mode "threshold"). ``history``: up to three tensors
-    h_0..h_2 (coef's columns D0..D2); ``base`` is a history of one (give one or the other)."""
+               sample_index=None, step=None, stochastic=False, prev, x0=None, history=None, aux=None,
+               x0_noise=False) -> None:
+    """One table update into ``prev`` (and ``x0``, ``aux``): ``coef`` float32 [B, NCOL] (the gathered rows), tensors
+    as in :func:`fastrev.tables.apply_table` (float32, CPU, per-sample contiguous; check :func:`eligible`). Noise:
+    ``z`` if given, else the counter stream of ``seed`` for ``sample_index``/``step`` when ``stochastic``.
+    ``thresh``: float32 [B] dynamic-threshold scales (clip mode "threshold"). ``history``: up to four tensors
+    h_0..h_3 (coef's columns D0..D3); ``base`` is a history of one (give one or the other). ``aux``: written with
+    AX0·x̂₀ + AX·x + Σ_j AHj·h_j; ``x0_noise``: x̂₀ += Z0·z before the clip (needs noise; not with ``thresh``)."""
     B = x.shape[0]
     N = x[0].numel() if B else 0
     if B == 0 or N == 0:
@@ -177,10 +180,13 @@ def table_step(coef, x, o, *, var=None, z=None, base=None, thresh=None, clip=Fal
     else:
         noise_mode = NOISE_PHILOX
     hist = (base,) if history is None and base is not None else tuple(history or ())
-    if len(hist) > 3 or (hist and coef.shape[1] <= 8 + len(hist)):
-        raise ValueError(f"history: at most 3 tensors and a coef with their columns, got {len(hist)} and "
-                         f"{coef.shape[1]} columns")
-    hs = [_rows2d(h, B, N) for h in hist] + [_EMPTY2] * (3 - len(hist))
+    from .tables import columns_needed
+    if len(hist) > 4 or coef.shape[1] < columns_needed(len(hist), aux is not None, x0_noise):
+        raise ValueError(f"history: at most 4 tensors and a coef with every column the update reads, got "
+                         f"{len(hist)} and {coef.shape[1]} columns")
+    if x0_noise and (noise_mode == NOISE_NONE or clip_mode == CLIP_THRESHOLD):
+        raise ValueError("x0_noise needs noise and cannot be combined with thresholding")
+    hs = [_rows2d(h, B, N) for h in hist] + [_EMPTY2] * (4 - len(hist))
     if noise_mode == NOISE_PHILOX:
         k0, k1 = _seed_words(seed)
         si, st = sample_index.numpy(), step.numpy()
@@ -191,7 +197,8 @@ def table_step(coef, x, o, *, var=None, z=None, base=None, thresh=None, clip=Fal
             _EMPTY2 if z is None else _rows2d(z, B, N), *hs,
             coef.numpy(), _EMPTY1 if thresh is None else thresh.numpy(), si, st, k0, k1,
             _rows2d(prev, B, N), _EMPTY2 if x0 is None else _rows2d(x0, B, N),
-            clip_mode, var_mode, noise_mode, len(hist), x0 is not None)
+            _EMPTY2 if aux is None else _rows2d(aux, B, N),
+            clip_mode, var_mode, noise_mode, len(hist), x0 is not None, aux is not None, bool(x0_noise))
     _launch(_kernels()._step_kernel, args, B, N)
 
 

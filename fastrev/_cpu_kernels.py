@@ -155,12 +155,14 @@ def _normals_kernel(out, sidx, steps, k0, k1, job0, job1):
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
-def _step_kernel(x, o, v, z, h0, h1, h2, coef, thresh, sidx, steps, k0, k1, prev, x0, clip_mode, var_mode,
-                 noise_mode, n_hist, want_x0, job0, job1):
+def _step_kernel(x, o, v, z, h0, h1, h2, h3, coef, thresh, sidx, steps, k0, k1, prev, x0, aux, clip_mode, var_mode,
+                 noise_mode, n_hist, want_x0, want_aux, x0_noise, job0, job1):
     """The table update of fastrev.tables.apply_table, float32, one pass over work items [job0, job1) of
     B × ceil(N / 4 / _GROUPS_PER_BLOCK); [B, N] views, coef float32 [B, NCOL]. Same operation order as
-    apply_table (no fast-math), so the results are the eager float32 update's. ``n_hist``: the history h_0..h_2
-    read (0-3), with coef's columns 9..11 (D0..D2)."""
+    apply_table (no fast-math), so the results are the eager float32 update's. ``n_hist``: the history h_0..h_3
+    read (0-4), with coef's columns 9..12 (D0..D3); ``want_aux``: write aux = AX0·x̂₀ + AX·x + Σ_j AHj·h_j
+    (columns 13, 14, 15..18); ``x0_noise``: x̂₀ += Z0·z before the clip (column 19). Columns past 11 are read only
+    when used (an older 12-column table serves the rest)."""
     B, N = x.shape
     G = (N + 3) // 4
     nblk = (G + _GROUPS_PER_BLOCK - 1) // _GROUPS_PER_BLOCK
@@ -181,13 +183,21 @@ def _step_kernel(x, o, v, z, h0, h1, h2, coef, thresh, sidx, steps, k0, k1, prev
         d0 = coef[b, 9] if n_hist >= 1 else np.float32(0.0)
         d1 = coef[b, 10] if n_hist >= 2 else np.float32(0.0)
         d2 = coef[b, 11] if n_hist >= 3 else np.float32(0.0)
+        d3 = coef[b, 12] if n_hist >= 4 else np.float32(0.0)
+        ax0 = coef[b, 13] if want_aux else np.float32(0.0)
+        axc = coef[b, 14] if want_aux else np.float32(0.0)
+        ah0 = coef[b, 15] if want_aux and n_hist >= 1 else np.float32(0.0)
+        ah1 = coef[b, 16] if want_aux and n_hist >= 2 else np.float32(0.0)
+        ah2 = coef[b, 17] if want_aux and n_hist >= 3 else np.float32(0.0)
+        ah3 = coef[b, 18] if want_aux and n_hist >= 4 else np.float32(0.0)
+        z0c = coef[b, 19] if x0_noise else np.float32(0.0)
         if clip_mode == 2:
             r = thresh[b]
         add_noise = noise_mode != 0 and sig != 0
-        if add_noise and noise_mode == 2:
+        if (add_noise or x0_noise) and noise_mode == 2:
             _fill_normals(Z, sidx[b], steps[b], g0, g1, k0, k1, UA, UB)
         xb, ob, pb = x[b], o[b], prev[b]
-        if var_mode == 0 and n_hist == 0:
+        if var_mode == 0 and n_hist == 0 and not want_aux and not x0_noise:
             # the common case as straight loops over the block that LLVM vectorizes: clipping as selects (an
             # infinite range when off; NaN passes through both), thresholding's 1/s division (by 1.0 otherwise:
             # exact), x̂₀ into a scratch block when not wanted
@@ -222,18 +232,41 @@ def _step_kernel(x, o, v, z, h0, h1, h2, coef, thresh, sidx, steps, k0, k1, prev
             xv = xb[e]
             ov = ob[e]
             xh = a * xv + bb * ov
+            if noise_mode != 0:
+                zv = z[b, e] if noise_mode == 1 else Z[e - e0]
+            else:
+                zv = np.float32(0.0)
+            if x0_noise:                    # the same z as x_{t−1}'s, before the clip
+                xh = xh + z0c * zv
             if clip_mode != 0:              # NaN stays NaN (both comparisons false), like torch.maximum/minimum
                 xh = r if xh > r else xh
                 xh = -r if xh < -r else xh
                 if clip_mode == 2:
                     xh = xh / r
             p = c0 * xh + c1 * xv + c2 * ov
-            if n_hist >= 1:                 # h_0, h_1, h_2 in order, as apply_table and the Triton kernel
-                p = p + d0 * h0[b, e]
+            av = ax0 * xh + axc * xv if want_aux else np.float32(0.0)
+            if n_hist >= 1:                 # h_0..h_3 in order, as apply_table and the Triton kernel
+                hv = h0[b, e]
+                p = p + d0 * hv
+                if want_aux:
+                    av = av + ah0 * hv
             if n_hist >= 2:
-                p = p + d1 * h1[b, e]
+                hv = h1[b, e]
+                p = p + d1 * hv
+                if want_aux:
+                    av = av + ah1 * hv
             if n_hist >= 3:
-                p = p + d2 * h2[b, e]
+                hv = h2[b, e]
+                p = p + d2 * hv
+                if want_aux:
+                    av = av + ah2 * hv
+            if n_hist >= 4:
+                hv = h3[b, e]
+                p = p + d3 * hv
+                if want_aux:
+                    av = av + ah3 * hv
+            if want_aux:
+                aux[b, e] = av
             if add_noise:
                 if var_mode == 0:
                     sigma = sig
@@ -244,7 +277,6 @@ def _step_kernel(x, o, v, z, h0, h1, h2, coef, thresh, sidx, steps, k0, k1, prev
                     sigma = sig * np.exp(half * (f * hi + (one - f) * lo))
                 else:
                     sigma = sig * np.sqrt(v[b, e])
-                zv = z[b, e] if noise_mode == 1 else Z[e - e0]
                 p = p + sigma * zv
             pb[e] = p
             if want_x0:

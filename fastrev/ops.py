@@ -309,9 +309,11 @@ def _step(kind, model_output, timestep, sample, schedule, *, prediction_type, va
 def fused_step(table, t, sample, model_output, *, learned=False, variance_type="fixed_small", clip=False,
                thresholding=False, dynamic_thresholding_ratio=0.995, sample_max_value=1.0, noise=None, seed=None,
                sample_offset=0, stochastic=True, out=None, return_x0=True, var_mode=None, step=None,
-               base=None, backend="triton", guidance=None, history=None) -> StepOutput:
-    """One table step, x̂₀ = A·x + B·out (clip/threshold), x_{t−1} = C0·x̂₀ + C1·x + C2·out + Σ_j Dj·h_j + σ·z, on a
-    resolved backend (:func:`resolve_backend`) — the same inputs, the same counter noise on each:
+               base=None, backend="triton", guidance=None, history=None, x0_out=None, aux_out=None,
+               x0_noise=False) -> StepOutput:
+    """One table step, x̂₀ = A·x + B·out [+ Z0·z] (clip/threshold), x_{t−1} = C0·x̂₀ + C1·x + C2·out + Σ_j Dj·h_j + σ·z
+    and optionally aux = AX0·x̂₀ + AX·x + Σ_j AHj·h_j (:mod:`fastrev.tables` has the columns), on a resolved backend
+    (:func:`resolve_backend`) — the same inputs, the same counter noise on each:
 
     * ``"triton"``: the fused kernel; ``table`` float32 on the sample's device.
     * ``"torch"``: the same update in eager torch in float32 (float64 when an input is float64), output in the
@@ -324,28 +326,51 @@ def fused_step(table, t, sample, model_output, *, learned=False, variance_type="
     The building block of the ops, the samplers and the diffusers schedulers: a new sampler is a new table.
     ``t``: int64 [B] table rows. ``var_mode`` overrides the variance mode implied by ``variance_type`` (e.g.
     ``tables.VAR_LINEAR``); ``step`` (int64 [B]) is the noise step of the counter stream when it differs from the
-    row ``t``; ``history``: the solver history, a tuple of 0–3 tensors (h_0, h_1, h_2) shaped like ``sample`` with
-    table columns D0..D2, read in the same pass (on "triton" the launch is compiled for that many: never a per-step
-    value); ``base=h`` is the same as ``history=(h,)`` (column D = D0; give one or the other). ``seed``: int64 [1]
-    device tensor (counter noise when ``noise`` is None and ``stochastic``). ``guidance``: a
-    :class:`fastrev.kernels.guidance.Guidance` (then ``model_output`` is its unconditional half), combined in the
-    kernel. No validation here: the public ops validate (the history's form is checked here).
+    row ``t``; ``history``: the solver history, a tuple of 0–4 tensors (h_0..h_3) shaped like ``sample`` with
+    table columns D0..D3 (and AH0..AH3 in aux), read in the same pass (on "triton" the launch is compiled for that
+    many: never a per-step value); ``base=h`` is the same as ``history=(h,)`` (column D = D0; give one or the
+    other). ``seed``: int64 [1] device tensor (counter noise when ``noise`` is None and ``stochastic``).
+    ``guidance``: a :class:`fastrev.kernels.guidance.Guidance` (then ``model_output`` is its unconditional half),
+    combined in the kernel.
+
+    ``x0_out``: a tensor shaped like ``sample`` (same device, any float dtype) that x̂₀ is written into and returned
+    as ``pred_original_sample`` (``return_x0`` is then implied): a multistep solver double-buffers its x̂₀ history
+    with no copies. ``aux_out``: likewise, written with aux (e.g. UniPC's corrected sample, or ε̂ for an
+    ε-history); the caller keeps it (StepOutput is unchanged). Neither may overlap a tensor read in the same pass
+    (sample, model_output, noise, the history) nor ``out`` or each other (ValueError). ``x0_noise``: add Z0·z to x̂₀
+    before the clip — the same z as x_{t−1}'s (Euler's churn); needs a stochastic step, not with thresholding.
+    On "triton", aux and x0_noise are compile-time properties of the launch (AUX, X0_NOISE), as the history length.
+
+    Light validation only (the public ops validate the rest): the history's form, x0_out/aux_out's shape, device
+    and aliasing, and x0_noise's conditions are checked here.
     """
     hist = T.history_tuple(base, history)
+    if x0_noise and thresholding:
+        raise ValueError("x0_noise cannot be combined with thresholding: the threshold's quantile pre-pass does not "
+                         "see the noise added to x̂₀")
+    if x0_noise and not stochastic:
+        raise ValueError("x0_noise=True needs a stochastic step (stochastic=True: a noise tensor or the counter "
+                         "stream), got stochastic=False")
+    _check_extra_outputs(sample, x0_out, aux_out, out, (sample, model_output, noise, *hist) + (
+        guidance.parts() if guidance is not None else ()))
+    if x0_out is not None:
+        return_x0 = True
     if guidance is not None and backend != "triton":
         model_output, guidance = guidance.combine(), None
     if var_mode is None:   # the variance channels only count when the output carries them (learned=True)
         var_mode = T.VAR_MODES[variance_type] if learned else T.VAR_FIXED
+    extra = dict(x0_out=x0_out, aux_out=aux_out, x0_noise=bool(x0_noise))
     if backend == "torch":
         return _table_step_torch(table, t, sample, model_output, learned=learned, var_mode=var_mode, clip=clip,
                                  thresholding=thresholding, ratio=dynamic_thresholding_ratio,
                                  max_value=sample_max_value, noise=noise, seed=seed, sample_offset=sample_offset,
-                                 stochastic=stochastic, out=out, return_x0=return_x0, step=step, hist=hist)
+                                 stochastic=stochastic, out=out, return_x0=return_x0, step=step, hist=hist, **extra)
     if backend == "reference":
         return _table_step_reference(table, t, sample, model_output, learned=learned, var_mode=var_mode, clip=clip,
                                      thresholding=thresholding, ratio=dynamic_thresholding_ratio,
                                      max_value=sample_max_value, noise=noise, seed=seed, sample_offset=sample_offset,
-                                     stochastic=stochastic, out=out, return_x0=return_x0, step=step, hist=hist)
+                                     stochastic=stochastic, out=out, return_x0=return_x0, step=step, hist=hist,
+                                     **extra)
     from .kernels import reverse_step as K
     t = t.contiguous()                       # free when it already is (the kernel reads t[b] at b)
     if step is not None:
@@ -377,19 +402,97 @@ def fused_step(table, t, sample, model_output, *, learned=False, variance_type="
     # outputs: write straight into `out` when the kernel can address it (in place over `sample` included); an `out`
     # whose samples overlap in memory (an expanded tensor) goes through copy_, which rejects it like torch does
     N = sample[0].numel() if sample.shape[0] else 0
-    if out is not None and _per_sample_contiguous(out) and (out.shape[0] <= 1 or out.stride(0) >= N):
-        prev = out
-    else:
-        prev = _alloc(sample)
-    x0 = _alloc(sample) if return_x0 else None
+    prev = out if _addressable(out, N) else _alloc(sample)
+    x0 = x0_out if _addressable(x0_out, N) else (_alloc(sample) if return_x0 else None)
+    aux = aux_out if _addressable(aux_out, N) else (None if aux_out is None else _alloc(sample))
     hs = tuple(_flat_view(h) for h in hist) + (None,) * (T.MAX_HISTORY - len(hist))
     K.reverse_step(K.StepTensors(x, eps_part, table, t, prev, var=var_part, noise=z, thresh=thresh, step=step,
-                                 seed=seed, x0=x0, base=hs[0], cond=cond, guide=guide, h1=hs[1], h2=hs[2]),
-                   sample_offset=sample_offset, clip_mode=clip_mode, var_mode=var_mode, noise_mode=noise_mode)
+                                 seed=seed, x0=x0, base=hs[0], cond=cond, guide=guide, h1=hs[1], h2=hs[2],
+                                 h3=hs[3], aux=aux),
+                   sample_offset=sample_offset, clip_mode=clip_mode, var_mode=var_mode, noise_mode=noise_mode,
+                   x0_noise=x0_noise)
+    return _deliver(prev, x0, aux, out, x0_out, aux_out)
+
+
+def _addressable(buf, N: int) -> bool:
+    """``buf`` can be written by the kernel in place: per-sample contiguous, samples not overlapping."""
+    return buf is not None and _per_sample_contiguous(buf) and (buf.shape[0] <= 1 or buf.stride(0) >= N)
+
+
+def _deliver(prev, x0, aux, out, x0_out, aux_out) -> StepOutput:
+    """Copy results computed elsewhere into the caller's buffers (``out``, ``x0_out``, ``aux_out``: copy_ rejects an
+    expanded buffer as torch does), and return the StepOutput with those buffers in it."""
     if out is not None and prev is not out:
         out.copy_(prev)
         prev = out
+    if x0_out is not None and x0 is not x0_out:
+        x0_out.copy_(x0)
+        x0 = x0_out
+    if aux_out is not None and aux is not aux_out:
+        aux_out.copy_(aux)
     return StepOutput(prev, x0)
+
+
+def _byte_span(a: torch.Tensor):
+    """(lowest, one past the highest) byte address ``a`` can touch."""
+    lo = hi = 0
+    for size, stride in zip(a.shape, a.stride(), strict=True):
+        ext = (size - 1) * stride
+        lo, hi = (lo + ext, hi) if ext < 0 else (lo, hi + ext)
+    item = a.element_size()
+    return a.data_ptr() + lo * item, a.data_ptr() + (hi + 1) * item
+
+
+def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether ``a`` and ``b`` may share memory. Exact for two per-sample contiguous tensors with one batch stride
+    (e.g. the two channel halves of one [B, 2C, ...] buffer do not overlap), conservative (by address range)
+    otherwise. No device sync: only the tensors' metadata is read."""
+    if a.numel() == 0 or b.numel() == 0 or a.device != b.device:
+        return False
+    if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+        return False
+    (alo, ahi), (blo, bhi) = _byte_span(a), _byte_span(b)
+    if not (alo < bhi and blo < ahi):
+        return False
+    if a.dim() < 1 or b.dim() < 1 or a.shape[0] != b.shape[0] or a.stride(0) != b.stride(0) or a.shape[0] <= 1 or \
+            not (_per_sample_contiguous(a) and _per_sample_contiguous(b)):
+        return True
+    s = a.stride(0) * a.element_size()
+    la, lb = a[0].numel() * a.element_size(), b[0].numel() * b.element_size()
+    if s < max(la, lb):
+        return True
+    # sample i of a: [pa + i·s, pa + i·s + la); sample j of b: [pb + j·s, ...): they meet iff −lb < d + k·s < la for
+    # some k = j − i with |k| < B, d = pb − pa
+    d, B = b.data_ptr() - a.data_ptr(), a.shape[0]
+    k_lo = max(-(B - 1), (-lb - d) // s + 1)
+    return k_lo <= B - 1 and d + k_lo * s < la
+
+
+def _check_extra_outputs(sample, x0_out, aux_out, out, reads) -> None:
+    """x0_out / aux_out: tensors shaped like ``sample`` on its device, overlapping no tensor read in the same pass,
+    not ``out``, not each other."""
+    writes = []
+    tracing = torch.compiler.is_compiling()         # fake tensors have no addresses: the checks run eagerly
+    for name, buf in (("x0_out", x0_out), ("aux_out", aux_out)):
+        if buf is None:
+            continue
+        if not isinstance(buf, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(buf).__name__}")
+        if buf.dtype not in _FLOATS:
+            raise TypeError(f"{name} must be a floating tensor (float16, bfloat16, float32, float64), got {buf.dtype}")
+        if buf.shape != sample.shape or buf.device != sample.device:
+            raise ValueError(f"{name} must have the sample's shape {tuple(sample.shape)} on {sample.device}, got "
+                             f"shape {tuple(buf.shape)} on {buf.device}")
+        if tracing:
+            continue
+        for r in reads:
+            if r is not None and _overlap(buf, r):
+                raise ValueError(f"{name} overlaps a tensor read in the same pass (sample, model_output, noise or "
+                                 "the history): give a buffer that is not read by this step (double-buffer it)")
+        for other_name, other in writes + [("out", out)]:
+            if other is not None and _overlap(buf, other):
+                raise ValueError(f"{name} overlaps {other_name}: each output needs its own buffer")
+        writes.append((name, buf))
 
 
 def _f32_table(table: torch.Tensor) -> torch.Tensor:
@@ -406,7 +509,8 @@ def _f32_table(table: torch.Tensor) -> torch.Tensor:
 
 
 def _table_step_torch(table, t, sample, model_output, *, learned, var_mode, clip, thresholding, ratio, max_value,
-                      noise, seed, sample_offset, stochastic, out, return_x0, step, hist) -> StepOutput:
+                      noise, seed, sample_offset, stochastic, out, return_x0, step, hist, x0_out=None, aux_out=None,
+                      x0_noise=False) -> StepOutput:
     """:func:`fused_step` on the "torch" backend: float32 (float64 when an input is), the sample's dtype out."""
     C = sample.shape[1] if sample.dim() > 1 else 0
     o, var = (model_output[:, :C], model_output[:, C:]) if learned else (model_output, None)
@@ -416,7 +520,7 @@ def _table_step_torch(table, t, sample, model_output, *, learned, var_mode, clip
         return _table_step_cpu(table, t, sample, o, var, z, hist, var_mode=var_mode, clip=clip,
                                thresholding=thresholding, ratio=ratio, max_value=max_value, seed=seed,
                                sample_offset=sample_offset, stochastic=stochastic, out=out, return_x0=return_x0,
-                               step=step)
+                               step=step, x0_out=x0_out, aux_out=aux_out, x0_noise=x0_noise)
     f64 = torch.float64
     cd = f64 if f64 in (sample.dtype, model_output.dtype) or (z is not None and z.dtype == f64) or any(
         h.dtype == f64 for h in hist) else torch.float32
@@ -424,13 +528,11 @@ def _table_step_torch(table, t, sample, model_output, *, learned, var_mode, clip
         table = _f32_table(table)
     if stochastic and z is None:
         z = _noise.noise_like(sample, seed, t if step is None else step, sample_offset)     # float32
-    prev, x0 = T.apply_table(table, t, sample, o, var=var, z=z, history=hist, clip=clip, thresholding=thresholding,
-                             ratio=ratio, max_value=max_value, var_mode=var_mode, dtype=cd)
-    prev = prev.to(sample.dtype)
-    if out is not None:
-        out.copy_(prev)
-        prev = out
-    return StepOutput(prev, x0.to(sample.dtype) if return_x0 else None)
+    prev, x0, *aux = T.apply_table(table, t, sample, o, var=var, z=z, history=hist, clip=clip,
+                                   thresholding=thresholding, ratio=ratio, max_value=max_value, var_mode=var_mode,
+                                   dtype=cd, aux=aux_out is not None, x0_noise=x0_noise)
+    return _deliver(prev.to(sample.dtype), x0.to(sample.dtype) if return_x0 else None, aux[0] if aux else None, out,
+                    x0_out, aux_out)
 
 
 _ARANGE: dict = {}
@@ -448,7 +550,8 @@ def _sample_index(B: int, offset: int) -> torch.Tensor:
 
 
 def _table_step_cpu(table, t, sample, o, var, z, hist, *, var_mode, clip, thresholding, ratio, max_value, seed,
-                    sample_offset, stochastic, out, return_x0, step) -> StepOutput:
+                    sample_offset, stochastic, out, return_x0, step, x0_out=None, aux_out=None,
+                    x0_noise=False) -> StepOutput:
     """The torch backend's update for float32 CPU tensors: one compiled pass (:func:`fastrev._cpu.table_step`)."""
     coef = _f32_table(table).index_select(0, t)
     thresh = None
@@ -460,25 +563,26 @@ def _table_step_cpu(table, t, sample, o, var, z, hist, *, var_mode, clip, thresh
             thresh = R.per_sample_quantile(x0.reshape(B, -1).abs(), ratio).clamp(min=1.0, max=max_value)
         else:
             thresh = torch.ones(B, dtype=torch.float32)
-    if out is not None and _cpu.eligible(out) and (out.shape[0] <= 1 or out.stride(0) >= sample[0].numel()):
-        prev = out
-    else:
-        prev = torch.empty_like(sample, memory_format=torch.contiguous_format)
-    x0 = torch.empty_like(sample, memory_format=torch.contiguous_format) if return_x0 else None
+    N = sample[0].numel() if sample.shape[0] else 0
+
+    def buffer(buf, wanted=True):       # the caller's buffer when the pass can write it in place, else a new one
+        if buf is not None and _cpu.eligible(buf) and _addressable(buf, N):
+            return buf
+        return torch.empty_like(sample, memory_format=torch.contiguous_format) if wanted or buf is not None else None
+
+    prev, x0, aux = buffer(out), buffer(x0_out, return_x0), buffer(aux_out, False)
     philox = stochastic and z is None
     _cpu.table_step(coef, sample, o, var=var, z=z, history=hist, thresh=thresh, clip=clip, var_mode=var_mode,
                     seed=seed if philox else None,
                     sample_index=_sample_index(sample.shape[0], sample_offset) if philox else None,
                     step=(t if step is None else step.contiguous()) if philox else None,
-                    stochastic=stochastic, prev=prev, x0=x0)
-    if out is not None and prev is not out:
-        out.copy_(prev)
-        prev = out
-    return StepOutput(prev, x0)
+                    stochastic=stochastic, prev=prev, x0=x0, aux=aux, x0_noise=x0_noise)
+    return _deliver(prev, x0, aux, out, x0_out, aux_out)
 
 
 def _table_step_reference(table, t, sample, model_output, *, learned, var_mode, clip, thresholding, ratio, max_value,
-                          noise, seed, sample_offset, stochastic, out, return_x0, step, hist) -> StepOutput:
+                          noise, seed, sample_offset, stochastic, out, return_x0, step, hist, x0_out=None,
+                          aux_out=None, x0_noise=False) -> StepOutput:
     """:func:`fused_step` in eager float64 torch (:func:`fastrev.tables.apply_table`), cast to the sample's dtype."""
     C = sample.shape[1] if sample.dim() > 1 else 0
     o, var = (model_output[:, :C], model_output[:, C:]) if learned else (model_output, None)
@@ -486,13 +590,11 @@ def _table_step_reference(table, t, sample, model_output, *, learned, var_mode, 
     if stochastic:
         z = noise if noise is not None else _noise.noise_like(sample, seed, t if step is None else step,
                                                                 sample_offset)
-    prev, x0 = T.apply_table(table, t, sample, o, var=var, z=z, history=hist, clip=clip, thresholding=thresholding,
-                             ratio=ratio, max_value=max_value, var_mode=var_mode, dtype=torch.float64)
-    prev = prev.to(sample.dtype)
-    if out is not None:
-        out.copy_(prev)
-        prev = out
-    return StepOutput(prev, x0.to(sample.dtype) if return_x0 else None)
+    prev, x0, *aux = T.apply_table(table, t, sample, o, var=var, z=z, history=hist, clip=clip,
+                                   thresholding=thresholding, ratio=ratio, max_value=max_value, var_mode=var_mode,
+                                   dtype=torch.float64, aux=aux_out is not None, x0_noise=x0_noise)
+    return _deliver(prev.to(sample.dtype), x0.to(sample.dtype) if return_x0 else None,
+                    aux[0].to(sample.dtype) if aux else None, out, x0_out, aux_out)
 
 
 def _alloc(like: torch.Tensor) -> torch.Tensor:

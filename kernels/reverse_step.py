@@ -11,15 +11,18 @@ recompiles across steps).
 Per element (see ``fastrev.tables`` for the table's columns)::
 
     out     = the model output, or g_u·out_u + g_c·out_c with classifier-free guidance (the two halves of it)
-    x̂₀      = A·x + B·out                  → clip (±CLIP) or dynamic threshold (per-sample s, from a pre-pass)
+    x̂₀      = A·x + B·out [+ Z0·z]         → clip (±CLIP) or dynamic threshold (per-sample s, from a pre-pass)
     x_{t−1} = C0·x̂₀ + C1·x + C2·out + Σ_j Dj·h_j + σ·z   σ fixed or per element from the learned-variance channels
+    aux     = AX0·x̂₀ + AX·x + Σ_j AHj·h_j                (AUX: a third output, written in the same pass)
     z       = the caller's noise, or Philox4x32-10(seed; e//4, i, k, 0) through Box–Muller — fastrev.noise's stream,
               with k the per-sample noise step (the table row t unless the caller gives another)
 
-h_0..h_{HISTORY−1} is the solver history: up to three more state tensors read in the same pass, with their own table
-columns D0..D2 (``base``, i.e. h_0 with column D = D0, is Heun's second stage; multistep solvers pass earlier x̂₀'s,
-the x̂₀ this kernel writes being the next entry, double-buffered by the caller). HISTORY (0–3) is a compile-time
-property of the launch, the number of history tensors passed: never a per-step value. Each costs one more read.
+h_0..h_{HISTORY−1} is the solver history: up to four more state tensors read in the same pass, with their own table
+columns D0..D3 (and AH0..AH3 in aux; ``base``, i.e. h_0 with column D = D0, is Heun's second stage; multistep
+solvers pass earlier x̂₀'s, the x̂₀ this kernel writes being the next entry, double-buffered by the caller). HISTORY
+(0–4), AUX (an aux output is given) and X0_NOISE (Z0·z enters x̂₀ before the clip: Euler's churn, the same z as
+x_{t−1}'s) are compile-time properties of the launch: never per-step values. Each history tensor costs one more read,
+aux one more write; X0_NOISE moves no byte (z is generated, or read, once).
 
 Bytes moved per element for each mode (history length, guidance, noise source, dtype): docs/kernel.md; how the
 benchmarks count them: docs/benchmarks.md#bytes-moved.
@@ -59,9 +62,10 @@ __all__ = ["StepTensors", "reverse_step", "device_guard", "INTERPRET", "CLIP_NON
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 # table columns (fastrev.tables.COL)
-_A, _B, _C0, _C1, _C2, _SIGMA, _LOG_LO, _LOG_HI, _CLIP, _D0, _D1, _D2 = (tl.constexpr(i) for i in range(12))
+_A, _B, _C0, _C1, _C2, _SIGMA, _LOG_LO, _LOG_HI, _CLIP, _D0, _D1, _D2, _D3 = (tl.constexpr(i) for i in range(13))
+_AX0, _AX, _AH0, _AH1, _AH2, _AH3, _Z0 = (tl.constexpr(i) for i in range(13, 20))
 _D = _D0            # the history-of-one column (``base``), by its older name
-MAX_HISTORY = 3
+MAX_HISTORY = 4
 
 
 # ------------------------------------------------------------------------------------------------ device functions
@@ -212,19 +216,32 @@ def _counter_normals(seed_lo, seed_hi, group0, sample, step, SAMPLES: tl.constex
     return tl.reshape(z, [SAMPLES, BLOCK_N])
 
 
+@triton.jit
+def _tile_noise(noise_ptr, stride_noise, rows, cols, mask, seed_lo, seed_hi, first, sample_rows, step,
+                NOISE_MODE: tl.constexpr, SAMPLES: tl.constexpr, BLOCK_N: tl.constexpr, VEC: tl.constexpr):
+    """z for a tile, float32 [SAMPLES, BLOCK_N]: the caller's noise tensor, or the counter stream."""
+    if NOISE_MODE == modes.NOISE_TENSOR:
+        z = tl.load(noise_ptr + rows[:, None] * stride_noise + cols[None, :], mask=mask, other=0.0)
+        z = z.to(tl.float32)
+    else:  # modes.NOISE_PHILOX
+        z = _counter_normals(seed_lo, seed_hi, first // 4, sample_rows, step, SAMPLES, BLOCK_N, VEC)
+    return z
+
+
 # ------------------------------------------------------------------------------------------------ the kernel
 @triton.jit(do_not_specialize=["sample_offset"])
 def _reverse_step_kernel(
     x_ptr, out_ptr, var_ptr, noise_ptr,                  # inputs [B, N]: x_t, model output, variance channels, z
-    h0_ptr, h1_ptr, h2_ptr,                              # inputs [B, N]: the solver history (the first HISTORY read)
+    h0_ptr, h1_ptr, h2_ptr, h3_ptr,                      # inputs [B, N]: the solver history (the first HISTORY read)
     thresh_ptr, table_ptr, t_ptr, step_ptr, seed_ptr,    # fp32 [B]; fp32 [T, NCOL]; int64 [B]; int64 [B]; int64 [1]
-    prev_ptr, x0_ptr,                                    # outputs [B, N]
+    prev_ptr, x0_ptr, aux_ptr,                           # outputs [B, N]
     cond_ptr, guide_ptr,                                 # guidance: conditional output [B, N]; fp32 [B, 2]
     B, N, sample_offset,
     stride_x, stride_out, stride_var, stride_noise, stride_h0, stride_h1, stride_h2, stride_prev, stride_x0,
-    stride_cond, table_stride,
+    stride_cond, table_stride, stride_h3, stride_aux,   # (the last two after the older ones: their ints keep their
+                                                        # 8-byte pairing in the parameter block, one load per pair)
     CLIP_MODE: tl.constexpr, VAR_MODE: tl.constexpr, NOISE_MODE: tl.constexpr, WRITE_X0: tl.constexpr,
-    HISTORY: tl.constexpr, GUIDED: tl.constexpr,
+    HISTORY: tl.constexpr, GUIDED: tl.constexpr, AUX: tl.constexpr, X0_NOISE: tl.constexpr,
     SAMPLES: tl.constexpr, BLOCK_N: tl.constexpr, SUBTILES: tl.constexpr, INT64: tl.constexpr,
 ):
     """One program: SAMPLES samples × SUBTILES consecutive tiles of BLOCK_N elements. The per-program work (the
@@ -260,17 +277,35 @@ def _reverse_step_kernel(
         d1 = tl.load(coef + _D1, mask=row_ok, other=0.0)[:, None]
     if HISTORY >= 3:
         d2 = tl.load(coef + _D2, mask=row_ok, other=0.0)[:, None]
+    if HISTORY >= 4:
+        d3 = tl.load(coef + _D3, mask=row_ok, other=0.0)[:, None]
+    if AUX:         # aux = AX0·x̂₀ + AX·x + Σ_j AHj·h_j
+        ax0 = tl.load(coef + _AX0, mask=row_ok, other=0.0)[:, None]
+        ax = tl.load(coef + _AX, mask=row_ok, other=0.0)[:, None]
+        if HISTORY >= 1:
+            ah0 = tl.load(coef + _AH0, mask=row_ok, other=0.0)[:, None]
+        if HISTORY >= 2:
+            ah1 = tl.load(coef + _AH1, mask=row_ok, other=0.0)[:, None]
+        if HISTORY >= 3:
+            ah2 = tl.load(coef + _AH2, mask=row_ok, other=0.0)[:, None]
+        if HISTORY >= 4:
+            ah3 = tl.load(coef + _AH3, mask=row_ok, other=0.0)[:, None]
+    if X0_NOISE:    # x̂₀ += Z0·z before the clip (Euler's churn: the noise enters x̂₀ too)
+        z0c = tl.load(coef + _Z0, mask=row_ok, other=0.0)[:, None]
     if GUIDED:      # out = g_u·uncond + g_c·cond (g_u = f·(1 − w), g_c = f·w; f the guidance-rescale factor)
         g_u = tl.load(guide_ptr + 2 * rows, mask=row_ok, other=0.0)[:, None]
         g_c = tl.load(guide_ptr + 2 * rows + 1, mask=row_ok, other=0.0)[:, None]
     if VAR_MODE == modes.VAR_RANGE:
         log_lo = tl.load(coef + _LOG_LO, mask=row_ok, other=0.0)[:, None]
         log_hi = tl.load(coef + _LOG_HI, mask=row_ok, other=0.0)[:, None]
+    seed_lo = 0
+    seed_hi = 0
+    step = t
+    VEC: tl.constexpr = 8 if (x_ptr.dtype.element_ty.primitive_bitwidth == 16 and BLOCK_N >= 8) else 4
     if NOISE_MODE == modes.NOISE_PHILOX:
         seed = tl.load(seed_ptr).to(tl.uint64)
         seed_lo, seed_hi = (seed & 0xFFFFFFFF).to(tl.uint32), (seed >> 32).to(tl.uint32)
         step = tl.load(step_ptr + rows, mask=row_ok, other=0)
-        VEC: tl.constexpr = 8 if (x_ptr.dtype.element_ty.primitive_bitwidth == 16 and BLOCK_N >= 8) else 4
 
     for sub in tl.range(0, SUBTILES, loop_unroll_factor=1):     # a loop, not unrolled: registers of one tile
         first = (pid_n * SUBTILES + sub) * BLOCK_N
@@ -283,20 +318,37 @@ def _reverse_step_kernel(
             o = g_u * o + g_c * oc.to(tl.float32)
 
         x0 = a * x + b * o
+        if X0_NOISE:        # z before x̂₀: the same z enters x̂₀ and x_{t−1}
+            z = _tile_noise(noise_ptr, stride_noise, rows, cols, mask, seed_lo, seed_hi, first, rows + sample_offset,
+                            step, NOISE_MODE, SAMPLES, BLOCK_N, VEC)
+            x0 += z0c * z
         if CLIP_MODE == modes.CLIP_RANGE:
             x0 = tl.clamp(x0, -lim, lim, propagate_nan=tl.PropagateNan.ALL)
         elif CLIP_MODE == modes.CLIP_THRESHOLD:
             x0 = tl.clamp(x0, -lim, lim, propagate_nan=tl.PropagateNan.ALL) / lim
         prev = c0 * x0 + c1 * x + c2 * o
-        if HISTORY >= 1:        # the solver history, in order h_0, h_1, h_2 (the twins add in the same order)
-            h = tl.load(h0_ptr + rows[:, None] * stride_h0 + cols[None, :], mask=mask, other=0.0)
-            prev += d0 * h.to(tl.float32)
+        if AUX:
+            aux = ax0 * x0 + ax * x
+        if HISTORY >= 1:        # the solver history, in order h_0..h_3 (the twins add in the same order)
+            h = tl.load(h0_ptr + rows[:, None] * stride_h0 + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            prev += d0 * h
+            if AUX:
+                aux += ah0 * h
         if HISTORY >= 2:
-            h = tl.load(h1_ptr + rows[:, None] * stride_h1 + cols[None, :], mask=mask, other=0.0)
-            prev += d1 * h.to(tl.float32)
+            h = tl.load(h1_ptr + rows[:, None] * stride_h1 + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            prev += d1 * h
+            if AUX:
+                aux += ah1 * h
         if HISTORY >= 3:
-            h = tl.load(h2_ptr + rows[:, None] * stride_h2 + cols[None, :], mask=mask, other=0.0)
-            prev += d2 * h.to(tl.float32)
+            h = tl.load(h2_ptr + rows[:, None] * stride_h2 + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            prev += d2 * h
+            if AUX:
+                aux += ah2 * h
+        if HISTORY >= 4:
+            h = tl.load(h3_ptr + rows[:, None] * stride_h3 + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            prev += d3 * h
+            if AUX:
+                aux += ah3 * h
 
         if NOISE_MODE != modes.NOISE_NONE:
             if VAR_MODE == modes.VAR_FIXED:
@@ -311,12 +363,9 @@ def _reverse_step_kernel(
                     sigma = sig * tl.exp(0.5 * (frac * log_hi + (1.0 - frac) * log_lo))
                 else:  # modes.VAR_LINEAR
                     sigma = sig * tl.sqrt(v)
-            if NOISE_MODE == modes.NOISE_TENSOR:
-                z = tl.load(noise_ptr + rows[:, None] * stride_noise + cols[None, :], mask=mask, other=0.0)
-                z = z.to(tl.float32)
-            else:  # modes.NOISE_PHILOX
-                z = _counter_normals(seed_lo, seed_hi, first // 4, rows + sample_offset, step, SAMPLES, BLOCK_N,
-                                     VEC)
+            if not X0_NOISE:
+                z = _tile_noise(noise_ptr, stride_noise, rows, cols, mask, seed_lo, seed_hi, first,
+                                rows + sample_offset, step, NOISE_MODE, SAMPLES, BLOCK_N, VEC)
             # gate on the table's switch, not on σ: at a no-noise step (SIGMA = 0) nothing is added, even where the
             # learned-variance channels would make σ NaN (√ of a negative variance, 0·inf)
             prev = tl.where(sig != 0.0, prev + sigma * z, prev)
@@ -325,6 +374,9 @@ def _reverse_step_kernel(
                  mask=mask)
         if WRITE_X0:
             tl.store(x0_ptr + rows[:, None] * stride_x0 + cols[None, :], x0.to(x0_ptr.dtype.element_ty), mask=mask)
+        if AUX:
+            tl.store(aux_ptr + rows[:, None] * stride_aux + cols[None, :], aux.to(aux_ptr.dtype.element_ty),
+                     mask=mask)
 
 
 # ------------------------------------------------------------------------------------------------ host side
@@ -342,8 +394,9 @@ class StepTensors(NamedTuple):
     h_0, column D0 = D; Heun's third state), thresh (float32 [B] dynamic-threshold scale), step (int64 [B] noise
     steps; None: t), seed (int64 [1], read iff noise_mode is NOISE_PHILOX), x0 (x̂₀, written when given), cond +
     guide (classifier-free guidance: the conditional half of the model output, and float32 [B, 2] contiguous
-    (g_u, g_c): the output used is g_u·out + g_c·cond, with ``out`` the unconditional half), h1, h2 (history
-    entries h_1, h_2, columns D1, D2: h1 needs base, h2 needs h1 — the launch's HISTORY is how many are given).
+    (g_u, g_c): the output used is g_u·out + g_c·cond, with ``out`` the unconditional half), h1, h2, h3 (history
+    entries h_1..h_3, columns D1..D3: each needs the one before, h1 needs base — the launch's HISTORY is how many are
+    given), aux (written when given: AX0·x̂₀ + AX·x + Σ_j AHj·h_j; the launch's AUX).
     """
     x: torch.Tensor
     out: torch.Tensor
@@ -361,14 +414,17 @@ class StepTensors(NamedTuple):
     guide: torch.Tensor | None = None
     h1: torch.Tensor | None = None
     h2: torch.Tensor | None = None
+    h3: torch.Tensor | None = None
+    aux: torch.Tensor | None = None
 
     @property
     def history(self) -> tuple:
-        """The history tensors given, in order (h_0 = ``base``, h_1, h_2): a prefix, its length the HISTORY."""
-        hs = (self.base, self.h1, self.h2)
+        """The history tensors given, in order (h_0 = ``base``, h_1, h_2, h_3): a prefix, its length the HISTORY."""
+        hs = (self.base, self.h1, self.h2, self.h3)
         n = sum(h is not None for h in hs)
         if any(h is None for h in hs[:n]):
-            raise ValueError("StepTensors: the history must be given in order (h1 needs base, h2 needs h1)")
+            raise ValueError("StepTensors: the history must be given in order (h1 needs base, h2 needs h1, h3 "
+                             "needs h2)")
         return hs[:n]
 
 
@@ -394,20 +450,44 @@ def device_guard(device: torch.device):
     return contextlib.nullcontext()
 
 
+_COLUMN_NAMES = ("A", "B", "C0", "C1", "C2", "SIGMA", "LOG_LO", "LOG_HI", "CLIP", "D0", "D1", "D2", "D3", "AX0", "AX",
+                 "AH0", "AH1", "AH2", "AH3", "Z0")
+
+
+def _check_columns(table: torch.Tensor, n_hist: int, aux: bool, x0_noise: bool) -> None:
+    """The table must have every column the launch reads (an older 12-column table serves every launch without
+    HISTORY = 4, aux or x0_noise)."""
+    ncol = table.shape[-1]
+    if n_hist and ncol <= _D0 + n_hist - 1:
+        raise ValueError(f"table: a launch with {n_hist} history tensors needs columns D0..D{n_hist - 1}, "
+                         f"got a table of {ncol} columns")
+    need = []
+    if aux:
+        need.append(("an aux output", _AH0.value + n_hist - 1 if n_hist else _AX.value))
+    if x0_noise:
+        need.append(("x0_noise", _Z0.value))
+    for what, c in need:
+        if ncol <= c:
+            raise ValueError(f"table: a launch with {what} reads column {_COLUMN_NAMES[c]} (index {c}), got a table "
+                             f"of {ncol} columns (build it with fastrev.tables.finish_table: NCOL = 20)")
+
+
 def _launch(kernel, ts: StepTensors, sample_offset: int, clip_mode: int, var_mode: int, noise_mode: int,
-            force_int64: bool) -> None:
+            force_int64: bool, x0_noise: bool = False) -> None:
     x, prev = ts.x, ts.prev
     B = x.shape[0]
     N = x[0].numel() if B else 0
+    hist = ts.history
+    _check_columns(ts.table, len(hist), ts.aux is not None, x0_noise)
+    if x0_noise and noise_mode == NOISE_NONE:
+        raise ValueError("x0_noise: adding Z0·z to x̂₀ needs noise (noise_mode NOISE_TENSOR or NOISE_PHILOX)")
+    if x0_noise and clip_mode == CLIP_THRESHOLD:
+        raise ValueError("x0_noise cannot be combined with dynamic thresholding (its pre-pass does not see z)")
     if B == 0 or N == 0:
         return
     samples, block_n, subtiles = _tile(N)
     # int64 offsets only when some tensor's [B, N] view reaches past 2^31 elements (chosen here, on the host)
-    hist = ts.history
-    if ts.table.shape[-1] <= _D0 + len(hist) - 1:
-        raise ValueError(f"table: a launch with {len(hist)} history tensors needs columns D0..D{len(hist) - 1}, "
-                         f"got a table of {ts.table.shape[-1]} columns")
-    span = max(_span(a, B, N) for a in (x, ts.out, ts.var, ts.noise, *hist, prev, ts.x0, ts.cond))
+    span = max(_span(a, B, N) for a in (x, ts.out, ts.var, ts.noise, *hist, prev, ts.x0, ts.aux, ts.cond))
     int64 = bool(force_int64) or span >= 2**31 - 1 or B >= 2**31 - 1
     groups = triton.cdiv(B, samples)
     grid = (triton.cdiv(N, block_n * subtiles), min(groups, _MAX_GRID_YZ), triton.cdiv(groups, _MAX_GRID_YZ))
@@ -417,32 +497,36 @@ def _launch(kernel, ts: StepTensors, sample_offset: int, clip_mode: int, var_mod
     with device_guard(x.device):
         kernel[grid](
             x, ts.out, either(ts.var, x), either(ts.noise, x), either(ts.base, x), either(ts.h1, x), either(ts.h2, x),
-            either(ts.thresh, x), ts.table,
-            ts.t, either(ts.step, ts.t), either(ts.seed, ts.t), prev, either(ts.x0, prev), either(ts.cond, x),
-            either(ts.guide, ts.table), B, N, int(sample_offset),
+            either(ts.h3, x), either(ts.thresh, x), ts.table,
+            ts.t, either(ts.step, ts.t), either(ts.seed, ts.t), prev, either(ts.x0, prev), either(ts.aux, prev),
+            either(ts.cond, x), either(ts.guide, ts.table), B, N, int(sample_offset),
             x.stride(0), ts.out.stride(0), stride(ts.var), stride(ts.noise), stride(ts.base), stride(ts.h1),
-            stride(ts.h2), prev.stride(0), stride(ts.x0), stride(ts.cond), ts.table.stride(0),
+            stride(ts.h2), prev.stride(0), stride(ts.x0), stride(ts.cond), ts.table.stride(0), stride(ts.h3),
+            stride(ts.aux),
             CLIP_MODE=clip_mode, VAR_MODE=var_mode, NOISE_MODE=noise_mode, WRITE_X0=ts.x0 is not None,
-            HISTORY=len(hist), GUIDED=ts.cond is not None, SAMPLES=samples, BLOCK_N=block_n,
-            SUBTILES=subtiles, INT64=int64, num_warps=_NUM_WARPS,
+            HISTORY=len(hist), GUIDED=ts.cond is not None, AUX=ts.aux is not None, X0_NOISE=bool(x0_noise),
+            SAMPLES=samples, BLOCK_N=block_n, SUBTILES=subtiles, INT64=int64, num_warps=_NUM_WARPS,
         )
 
 
 def reverse_step(ts: StepTensors, *, sample_offset: int = 0, clip_mode: int = CLIP_NONE, var_mode: int = VAR_FIXED,
-                 noise_mode: int = NOISE_NONE, force_int64: bool = False, via_op: bool | None = None) -> None:
-    """Launch the fused step: writes ``ts.prev`` (and ``ts.x0``). The one launcher of the kernel.
+                 noise_mode: int = NOISE_NONE, force_int64: bool = False, via_op: bool | None = None,
+                 x0_noise: bool = False) -> None:
+    """Launch the fused step: writes ``ts.prev`` (and ``ts.x0``, ``ts.aux``). The one launcher of the kernel.
 
     ``sample_offset``: global index of sample 0 in the counter stream; the modes are :mod:`fastrev.kernels.modes`
-    constants; ``force_int64`` forces 64-bit offsets (chosen automatically past 2³¹ elements). ``via_op``: go
+    constants; ``force_int64`` forces 64-bit offsets (chosen automatically past 2³¹ elements). ``x0_noise``: add
+    Z0·z to x̂₀ before the clip (the launch's X0_NOISE; needs a noise mode, not with thresholding). ``via_op``: go
     through the registered op ``torch.ops.fastrev.reverse_step`` (default: only while torch.compile traces the
     call; eager calls launch directly, tens of µs less per step where the step is launch-bound).
     """
     if via_op is None:
         via_op = _is_compiling()
     if via_op:
-        _op(*ts, int(sample_offset), int(clip_mode), int(var_mode), int(noise_mode), bool(force_int64))
+        _op(*ts, int(sample_offset), int(clip_mode), int(var_mode), int(noise_mode), bool(force_int64),
+            bool(x0_noise))
     else:
-        _launch(_reverse_step_kernel, ts, sample_offset, clip_mode, var_mode, noise_mode, force_int64)
+        _launch(_reverse_step_kernel, ts, sample_offset, clip_mode, var_mode, noise_mode, force_int64, x0_noise)
 
 
 def _is_compiling() -> bool:
@@ -456,17 +540,21 @@ def _register():
     triton_op = getattr(torch.library, "triton_op", None)
     wrap = getattr(torch.library, "wrap_triton", None)
     if triton_op is None or wrap is None:  # pragma: no cover - torch < 2.6
-        return lambda *a: _launch(_reverse_step_kernel, StepTensors(*a[:16]), *a[16:])
+        n = len(StepTensors._fields)
+        return lambda *a: _launch(_reverse_step_kernel, StepTensors(*a[:n]), *a[n:])
 
-    @triton_op("fastrev::reverse_step", mutates_args={"prev", "x0"})
+    @triton_op("fastrev::reverse_step", mutates_args={"prev", "x0", "aux"})
     def _reverse_step_op(x: torch.Tensor, out: torch.Tensor, table: torch.Tensor, t: torch.Tensor, prev: torch.Tensor,
                          var: torch.Tensor | None, noise: torch.Tensor | None, base: torch.Tensor | None,
                          thresh: torch.Tensor | None, step: torch.Tensor | None, seed: torch.Tensor | None,
                          x0: torch.Tensor | None, cond: torch.Tensor | None, guide: torch.Tensor | None,
-                         h1: torch.Tensor | None, h2: torch.Tensor | None, sample_offset: int, clip_mode: int,
-                         var_mode: int, noise_mode: int, force_int64: bool) -> None:
-        ts = StepTensors(x, out, table, t, prev, var, noise, base, thresh, step, seed, x0, cond, guide, h1, h2)
-        _launch(wrap(_reverse_step_kernel), ts, sample_offset, clip_mode, var_mode, noise_mode, force_int64)
+                         h1: torch.Tensor | None, h2: torch.Tensor | None, h3: torch.Tensor | None,
+                         aux: torch.Tensor | None, sample_offset: int, clip_mode: int, var_mode: int, noise_mode: int,
+                         force_int64: bool, x0_noise: bool) -> None:
+        ts = StepTensors(x, out, table, t, prev, var, noise, base, thresh, step, seed, x0, cond, guide, h1, h2, h3,
+                         aux)
+        _launch(wrap(_reverse_step_kernel), ts, sample_offset, clip_mode, var_mode, noise_mode, force_int64,
+                x0_noise)
 
     return _reverse_step_op
 

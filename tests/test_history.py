@@ -1,8 +1,9 @@
-"""The solver history: x_{t−1} = C0·x̂₀ + C1·x + C2·out + D0·h_0 + D1·h_1 + D2·h_2 + σ·z, read in the same pass.
+"""The solver history: x_{t−1} = C0·x̂₀ + C1·x + C2·out + Σ_j Dj·h_j + σ·z (j < 4), read in the same pass.
 
-For a history of 1..3 tensors, the fused kernel (the Triton interpreter here, the GPU where present) and the
+For a history of 1..4 tensors, the fused kernel (the Triton interpreter here, the GPU where present) and the
 float32 torch path ("torch") against the float64 reference, each to the bound of tests/_bounds.py extended by the
 history terms |Dj·h_j|; kernel outputs start as NaN. A coefficient off by 1e-3 in D1 or D2 must fail that bound.
+(The aux output, x̂₀'s noise term and D3's perturbation: tests/test_aux.py.)
 """
 
 import pytest
@@ -25,7 +26,7 @@ def poison(monkeypatch):
 
 
 def _table(clip, seed=0):
-    """float64 DDPM table with random history columns D0..D2 (a multistep solver's are O(1), of either sign)."""
+    """float64 DDPM table with random history columns D0..D3 (a multistep solver's are O(1), of either sign)."""
     g = torch.Generator().manual_seed(seed)
     tab = tables.ddpm_table(S, "epsilon", "fixed_small", clip)
     for name in tables.HISTORY_COLS:
@@ -35,7 +36,7 @@ def _table(clip, seed=0):
 
 def _inputs(B=3, shape=(3, 341), seed=1):
     g = torch.Generator().manual_seed(seed)
-    x, o, z, *hs = (torch.randn((B,) + shape, generator=g).to(DEV) for _ in range(6))
+    x, o, z, *hs = (torch.randn((B,) + shape, generator=g).to(DEV) for _ in range(7))
     t = torch.tensor([0, 500, S.num_timesteps - 1][:B], device=DEV)
     return x, o, z, hs, t
 
@@ -51,7 +52,7 @@ def _terms(tab64, t, x, o, z, hs):
 
 
 @pytest.mark.parametrize("clip", [False, True])
-@pytest.mark.parametrize("n", [1, 2, 3])
+@pytest.mark.parametrize("n", [1, 2, 3, 4])
 def test_history_kernel_and_torch_equal_reference(n, clip):
     x, o, z, hs, t = _inputs()
     hs = tuple(hs[:n])
@@ -126,9 +127,9 @@ def test_bad_history_is_rejected():
     tab = _table(False).float()
     with pytest.raises(ValueError, match="not both"):
         ops.fused_step(tab, t, x, o, base=hs[0], history=(hs[1],), backend="torch")
-    with pytest.raises(ValueError, match="0 to 3 tensors"):
+    with pytest.raises(ValueError, match="0 to 4 tensors"):
         ops.fused_step(tab, t, x, o, history=tuple(hs) + (hs[0],), backend="torch")
-    with pytest.raises(ValueError, match="0 to 3 tensors"):
+    with pytest.raises(ValueError, match="0 to 4 tensors"):
         ops.fused_step(tab, t, x, o, history=(hs[0], None), backend="torch")
     with pytest.raises(TypeError, match="history must be a tuple"):
         ops.fused_step(tab, t, x, o, history=hs[0], backend="torch")
@@ -141,21 +142,33 @@ def test_bad_history_is_rejected():
 
 
 @pytest.mark.skipif(not _cpu.AVAILABLE, reason="numba not installed")
-@pytest.mark.parametrize("n", [1, 2, 3])
+@pytest.mark.parametrize("n", [0, 1, 2, 3, 4])
 def test_compiled_cpu_pass_equals_eager_float32(n):
-    """fastrev._cpu's one pass reads the history too: bit for bit the eager float32 update (tables.apply_table)."""
+    """fastrev._cpu's one pass reads the history too, writes aux and adds x̂₀'s noise term: bit for bit the eager
+    float32 update (tables.apply_table) with the caller's noise; with the counter stream, to its normals' 1e-6 (the
+    pass evaluates Box–Muller's functions itself; row 0, SIGMA = 0, still draws z for x̂₀'s Z0·z)."""
     g = torch.Generator().manual_seed(7)
-    x, o, z, *hs = (torch.randn((3, 2, 6, 7), generator=g) for _ in range(6))
+    x, o, z, *hs = (torch.randn((3, 2, 6, 7), generator=g) for _ in range(7))
     hs = tuple(hs[:n])
-    t = torch.tensor([1, 500, 999])
-    for clip, zz in ((False, None), (True, z)):
+    t = torch.tensor([0, 500, 999])
+    seed = torch.tensor([5], dtype=torch.int64)
+    for clip, zz, aux, x0_noise in ((False, None, False, False), (True, z, True, False), (False, z, n % 2 == 0, True),
+                                    (True, None, True, True)):
         tab = _table(clip).float()
-        kw = dict(clip=clip, noise=zz, history=hs, backend="torch", stochastic=zz is not None)
+        for name in ("AX0", "AX", "AH0", "AH1", "AH2", "AH3", "Z0"):
+            tab[:, tables.COL[name]] = torch.randn(tab.shape[0], generator=g)
+        stochastic = zz is not None or x0_noise
         assert _cpu.eligible(x, o, z, *hs)
-        fast = ops.fused_step(tab, t, x, o, **kw)
-        slow = ops.fused_step(tab, t, x.to(memory_format=torch.channels_last), o, **kw)     # eager torch ops
-        torch.testing.assert_close(fast.prev_sample, slow.prev_sample, rtol=0, atol=0)
-        torch.testing.assert_close(fast.pred_original_sample, slow.pred_original_sample, rtol=0, atol=0)
+        res = []
+        for xx in (x, x.to(memory_format=torch.channels_last)):       # the compiled pass; eager torch ops
+            a = torch.full_like(x, float("nan")) if aux else None
+            r = ops.fused_step(tab, t, xx, o, clip=clip, noise=zz, seed=seed, history=hs, backend="torch",
+                               stochastic=stochastic, aux_out=a, x0_noise=x0_noise)
+            res.append((r.prev_sample, r.pred_original_sample, a))
+        if zz is not None or not stochastic:
+            torch.testing.assert_close(res[0], res[1], rtol=0, atol=0)
+        else:
+            torch.testing.assert_close(res[0], res[1], rtol=1e-5, atol=2e-5)
 
 
 def test_history_through_the_registered_op():

@@ -353,7 +353,8 @@ def test_more_than_2_31_elements_bf16():
 
 
 def test_kernel_columns_match_tables():
-    names = ["A", "B", "C0", "C1", "C2", "SIGMA", "LOG_LO", "LOG_HI", "CLIP", "D0", "D1", "D2"]
+    names = ["A", "B", "C0", "C1", "C2", "SIGMA", "LOG_LO", "LOG_HI", "CLIP", "D0", "D1", "D2", "D3", "AX0", "AX",
+             "AH0", "AH1", "AH2", "AH3", "Z0"]
     assert [getattr(K, "_" + n).value for n in names] == [tables.COL[n] for n in names]
     assert tables.NCOL == len(names)
     assert K._D.value == tables.COL["D"] == tables.COL["D0"]      # the older name of the history-of-one column

@@ -36,7 +36,8 @@ def test_json_report_lists_every_variant():
     assert res.returncode == 0, res.stderr[-4000:] + res.stdout[-2000:]
     records = json.loads(res.stdout)
     got = {(r["variant"], r["dtype"]) for r in records}
-    want = {(v, d) for v in ("ddpm", "ddpm_noise", "ddim", "learned_range") for d in ("fp32", "bf16")}
+    want = {(v, d) for v in ("ddpm", "ddpm_noise", "ddim", "learned_range", "ddpm_cfg", "hist2_aux", "ddpm_noise_x0",
+                             "ddpm_x0") for d in ("fp32", "bf16")}
     assert want <= got
     for r in records:
         assert "error" not in r, r
@@ -48,6 +49,8 @@ def test_json_report_lists_every_variant():
         assert r["approx_math"] == 0                  # the accurate libdevice functions: the stream contract
     by = {(r["variant"], r["dtype"]): r for r in records}
     assert by[("ddpm", "fp32")]["bytes_per_elem"] == 16 and by[("ddpm_noise", "bf16")]["bytes_per_elem"] == 10
+    assert by[("hist2_aux", "fp32")]["bytes_per_elem"] == 28 and by[("ddpm_noise_x0", "bf16")]["bytes_per_elem"] == 10
+    assert by[("ddpm_x0", "fp32")]["bytes_per_elem"] == 16
 
 
 def test_text_report_runs():
