@@ -65,8 +65,6 @@ This module imports diffusers (an optional dependency: ``pip install 'fastrev[di
 
 from __future__ import annotations
 
-import inspect
-
 try:
     from diffusers.configuration_utils import ConfigMixin, register_to_config
     from diffusers.schedulers.scheduling_unipc_multistep import UniPCMultistepScheduler
@@ -82,7 +80,6 @@ import torch  # noqa: E402
 from . import ops as _ops  # noqa: E402
 from . import tables as _T  # noqa: E402
 from .diffusers_euler import _check_fixes, _FastEulerBase, _is_host_number, _stock_kwargs  # noqa: E402
-from .reference import dynamic_threshold as _dynamic_threshold  # noqa: E402
 
 __all__ = ["FastUniPCMultistepScheduler"]
 
@@ -93,13 +90,9 @@ _HOST_DEVICES = ("cpu",)
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction", "flow_prediction")
 SOLVER_TYPES = ("bh1", "bh2")
 
-# Table columns (fastrev.tables, with the history / aux columns of the kernel API extension).
-_COL = dict(_T.COL)
-for _k, _v in dict(D3=12, AX0=13, AX=14, AH0=15, AH1=16, AH2=17, AH3=18, Z0=19).items():
-    _COL.setdefault(_k, _v)
-_NCOL = max(_T.NCOL, 20)
-_X0_HIST = ("D1", "D2", "D3")         # prev's columns of m_{c−1}, m_{c−2}, m_{c−3}
-_AUX_HIST = ("AH1", "AH2", "AH3")     # x_c's columns of the same
+_COL, _NCOL = _T.COL, _T.NCOL
+_X0_HIST = _T.HISTORY_COLS[1:]         # prev's columns of m_{c−1}, m_{c−2}, m_{c−3} (h_1..h_3); D0: last_sample
+_AUX_HIST = _T.AUX_HISTORY_COLS[1:]    # x_c's columns of the same; AH0: last_sample
 
 
 # ------------------------------------------------------------------------------------------------ the coefficients
@@ -231,39 +224,13 @@ def unipc_rows(sig32: np.ndarray, level: int, *, solver_order: int, predict_x0: 
 
 
 # ------------------------------------------------------------------------------------------------ the fused pass
-def _supports_aux() -> bool:
-    return "aux_out" in inspect.signature(_ops.fused_step).parameters
-
-
 def _fused_pass(table, rows, sample, model_output, hist, x0_out, aux_out, *, thresholding, ratio, max_value,
                 backend):
-    """One pass: prev (returned), x̂₀ → ``x0_out``, x_c → ``aux_out`` (fastrev.ops.fused_step)."""
-    if _supports_aux():
-        return _ops.fused_step(table, rows, sample, model_output, clip=False, thresholding=thresholding,
-                               dynamic_thresholding_ratio=ratio, sample_max_value=max_value, stochastic=False,
-                               history=tuple(hist), x0_out=x0_out, aux_out=aux_out, return_x0=True,
-                               backend=backend).prev_sample
-    # the kernel API extension (docs: API.md) has not landed: its formula in eager torch
-    f64 = _F64 in (sample.dtype, model_output.dtype) or table.dtype == _F64
-    cd = _F64 if f64 and backend != "triton" else torch.float32
-    c = table.index_select(0, rows).to(cd)
-    shape = (sample.shape[0],) + (1,) * (sample.dim() - 1)
-
-    def col(n):
-        return c[:, _COL[n]].reshape(shape)
-    x, o = sample.to(cd), model_output.to(cd)
-    x0 = col("A") * x + col("B") * o
-    if thresholding:
-        x0 = _dynamic_threshold(x0, ratio, max_value)
-    prev = col("C0") * x0 + col("C1") * x + col("C2") * o
-    aux = col("AX0") * x0 + col("AX") * x
-    for j, h in enumerate(hist):
-        hc = h.to(cd)
-        prev = prev + col((("D0",) + _X0_HIST)[j]) * hc
-        aux = aux + col((("AH0",) + _AUX_HIST)[j]) * hc
-    x0_out.copy_(x0)
-    aux_out.copy_(aux)
-    return prev.to(sample.dtype)
+    """One pass: prev (returned), x̂₀ → ``x0_out``, x_c → ``aux_out`` (:func:`fastrev.ops.fused_step`)."""
+    return _ops.fused_step(table, rows, sample, model_output, clip=False, thresholding=thresholding,
+                           dynamic_thresholding_ratio=ratio, sample_max_value=max_value, stochastic=False,
+                           history=tuple(hist), x0_out=x0_out, aux_out=aux_out, return_x0=True,
+                           backend=backend).prev_sample
 
 
 def _new_buffer(like: torch.Tensor) -> torch.Tensor:

@@ -473,6 +473,39 @@ def test_device_path_never_reads_back(monkeypatch):
         assert s.step_index == 8
 
 
+# ------------------------------------------------------------------------------------------------ the kernel
+@pytest.mark.parametrize("cfg", [dict(solver_order=3, thresholding=True, sample_max_value=1.2, disable_corrector=[2]),
+                                 dict(predict_x0=False, prediction_type="v_prediction", solver_type="bh1",
+                                      final_sigmas_type="sigma_min")], ids=["order3-threshold", "eps-history-bh1"])
+def test_triton_kernel_matches_torch_path_and_diffusers(monkeypatch, kernel_device, cfg):
+    """The fused kernel (the interpreter on CPU) on a short loop: every output buffer (prev, the x̂₀ history, the
+    corrected sample) poisoned with NaN before each pass; equal to the torch path to float32 rounding and to diffusers
+    (float64) to TOL32."""
+    from fastrev import ops
+    poison = lambda like: torch.full_like(like, float("nan"), memory_format=torch.contiguous_format)  # noqa: E731
+    monkeypatch.setattr(ops, "_alloc", poison)
+    monkeypatch.setattr(DU, "_new_buffer", poison)
+    shape, n = (2, 2, 4, 4), 6
+    model = _model(shape)
+    x0 = torch.randn(shape, generator=torch.Generator().manual_seed(8))
+    d64 = _loop(UniPCMultistepScheduler(**cfg), n, dtype=torch.float64, f64=True, x=x0, shape=shape)
+    res = {}
+    for backend in ("triton", "torch"):
+        s = FastUniPCMultistepScheduler(**cfg)
+        s.backend = backend
+        s.set_timesteps(n, device=kernel_device)
+        x, traj = x0.to(kernel_device), []
+        for t in s.timesteps:
+            if s._ring is not None:
+                s._ring[s._calls % len(s._ring)].fill_(float("nan"))
+                s._last[s._calls % 2].fill_(float("nan"))
+            x = s.step(model(x.cpu(), t.cpu()).to(kernel_device), t, x).prev_sample
+            traj.append(x.cpu())
+        res[backend] = traj
+    _close(res["triton"], res["torch"], 1e-6, "triton vs torch")
+    _close(res["triton"], d64, TOL32, "triton vs diffusers")
+
+
 # ------------------------------------------------------------------------------------------------ errors
 def test_clear_errors():
     with pytest.raises(ValueError, match="prediction_type"):
