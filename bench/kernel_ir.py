@@ -253,6 +253,8 @@ def analyse(ck, variant: str, dtype: str, block_n: int, num_warps: int, subtiles
     res = _cuobjdump(cubin, "-res-usage")
     m = re.search(r"REG:(\d+)", res)
     regs = int(m.group(1)) if m else None
+    m = re.search(r"LOCAL:(\d+)", res)
+    local = int(m.group(1)) if m else None          # per-thread local memory: register spills
     shared = int(getattr(ck.metadata, "shared", 0) or 0)
     path = executed_path(instrs, loop_trips=subtiles)
     per_thread = max(1, block_n * subtiles // (32 * num_warps))
@@ -265,7 +267,7 @@ def analyse(ck, variant: str, dtype: str, block_n: int, num_warps: int, subtiles
     ptx = ck.asm.get("ptx", "")
     return {
         "variant": variant, "dtype": dtype, "block_n": block_n, "subtiles": subtiles, "num_warps": num_warps,
-        "regs": regs,
+        "regs": regs, "local_bytes": local,
         "shared_bytes": shared, "occupancy": occupancy(regs or 0, shared, num_warps), "elems_per_thread": per_thread,
         "sass_static": len(instrs), "sass_executed": len(path), "instr_per_elem": round(ipe, 2),
         "classes_per_elem": {k: round(v / per_thread, 2) for k, v in sorted(classes.items())},
@@ -280,19 +282,26 @@ def main(argv=None) -> int:
     p.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 (H100/H200), 80 (A100)")
     p.add_argument("--dtypes", default="fp32,bf16")
     p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help=f"of {', '.join(VARIANTS)}")
-    p.add_argument("--block-n", type=int, default=None, help="elements per program (default: the module's _TILE)")
-    p.add_argument("--num-warps", type=int, default=None, help="default: the module's _NUM_WARPS")
-    p.add_argument("--subtiles", type=int, default=None, help="tiles per program (default: the module's _SUBTILES)")
+    p.add_argument("--block-n", type=int, default=None,
+                   help="elements per tile (default: what the module's launcher picks for a large sample)")
+    p.add_argument("--num-warps", type=int, default=None, help="default: what the module's launcher picks")
+    p.add_argument("--subtiles", type=int, default=None, help="tiles per program (default: the launcher's)")
     p.add_argument("--module", default=None, help="another copy of kernels/reverse_step.py to compile")
     p.add_argument("--json", action="store_true", help="print a JSON list instead of the text report")
     args = p.parse_args(argv)
     K = _load(args.module)
-    block_n = args.block_n or getattr(K, "_TILE", 1024)
-    warps = args.num_warps or getattr(K, "_NUM_WARPS", 4)
-    subtiles = (args.subtiles or getattr(K, "_SUBTILES", 1)) if "SUBTILES" in K._reverse_step_kernel.arg_names else 1
+    has_subtiles = "SUBTILES" in K._reverse_step_kernel.arg_names
     rc, records = 0, []
     for v in args.variants.split(","):
         for dt in args.dtypes.split(","):
+            # the launcher's choice for a large sample (1 sample per program), where the module says it
+            if hasattr(K, "launch_config"):
+                _s, block_n, subtiles, warps = K.launch_config(1 << 20, ELEM_BYTES[dt], VARIANTS[v]["NOISE_MODE"])
+            else:
+                block_n, subtiles, warps = getattr(K, "_TILE", 1024), getattr(K, "_SUBTILES", 1), \
+                    getattr(K, "_NUM_WARPS", 4)
+            block_n, warps = args.block_n or block_n, args.num_warps or warps
+            subtiles = (args.subtiles or subtiles) if has_subtiles else 1
             tag = f"{v} {dt} BLOCK_N={block_n}x{subtiles} warps={warps} sm_{args.arch}"
             try:
                 ck = compile_variant(K, dt, VARIANTS[v], args.arch, block_n, warps, subtiles=subtiles)

@@ -22,7 +22,8 @@ from .ops import BACKENDS  # --backend accepts the library's one vocabulary
 
 # steps per method in the demo: about 100 model evaluations each (Heun costs 2N − 1, PC with one corrector step 2N)
 DEMO_STEPS = {"ddpm": 100, "ddim": 100, "sde": 100, "ode": 50, "pc": 50, "euler": 100, "euler_a": 100,
-              "flow_euler": 100}
+              "flow_euler": 100, "dpmpp_2m": 100, "dpmpp_3m": 100, "dpmpp_2m_sde": 100, "dpmpp_3m_sde": 100,
+              "unipc": 100}
 DEMO_MODELS = ("gmm",)
 
 
@@ -192,7 +193,7 @@ def _cmd_demo(args) -> int:
     print(f"fastrev demo: 2-D Gaussian mixture ({gmm.num_components} components), {n} samples, linear schedule "
           f"(1000 steps), device {device} ({'fused kernel' if fused else 'float32 torch path'}), "
           f"torch {torch.__version__}")
-    header = (f"{'method':<11}{'steps':>6}{'NFE':>6}{'SW1 vs data':>13}{'data vs data':>14}{'wall s':>9}"
+    header = (f"{'method':<13}{'steps':>6}{'NFE':>6}{'SW1 vs data':>13}{'data vs data':>14}{'wall s':>9}"
               f"{'fastrev us/step':>16}{'ref us/step':>13}{'speedup':>9}")
     print(header)
     print("-" * len(header))
@@ -214,7 +215,7 @@ def _cmd_demo(args) -> int:
             fus_us = _step_us(m, schedule, n, device, backend, tsteps, reps)
         fmt = lambda v: "n/a" if v is None else f"{v:.1f}"  # noqa: E731
         speed = f"{ref_us / fus_us:.1f}x" if fus_us and ref_us else "n/a"
-        print(f"{m:<11}{steps:>6}{_nfe(m, steps):>6}{sw:>13.4f}{dd:>14.4f}{wall:>9.2f}{fmt(fus_us):>16}"
+        print(f"{m:<13}{steps:>6}{_nfe(m, steps):>6}{sw:>13.4f}{dd:>14.4f}{wall:>9.2f}{fmt(fus_us):>16}"
               f"{fmt(ref_us):>13}{speed:>9}")
         panels.append((f"{m} ({steps} steps): SW1 {sw:.3f}", x))
     print(f"(SW1: sliced Wasserstein-1 over 256 projections, mean against 4 fresh draws of {n} data points; data vs "

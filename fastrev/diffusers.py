@@ -119,7 +119,7 @@ from .schedule import TIMESTEP_SPACINGS, spaced_timesteps  # noqa: E402
 
 __all__ = ["FastDDPMScheduler", "FastDDIMScheduler", "FastEulerDiscreteScheduler",
            "FastEulerAncestralDiscreteScheduler", "FastFlowMatchEulerDiscreteScheduler", "DDPM_VARIANCE_TYPES",
-           "BACKENDS"]
+           "BACKENDS", "FastDPMSolverMultistepScheduler", "FastUniPCMultistepScheduler"]
 
 #: diffusers' DDPM variance types (others are accepted with a warning and computed as diffusers does: β̃)
 DDPM_VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log", "learned",
@@ -827,9 +827,12 @@ class FastDDIMScheduler(_FastSchedulerBase, SchedulerMixin, ConfigMixin):
         return DDIMSchedulerOutput(prev_sample=prev, pred_original_sample=x0)
 
 
-# the σ-space and flow-matching drop-ins (fastrev/diffusers_euler.py), re-exported here: one import for every drop-in
+# the σ-space and flow-matching drop-ins (fastrev/diffusers_euler.py) and the multistep DPM-Solver and UniPC
+# drop-ins (fastrev/diffusers_dpm.py, fastrev/diffusers_unipc.py), re-exported here: one import for every drop-in
+from .diffusers_dpm import FastDPMSolverMultistepScheduler  # noqa: E402
 from .diffusers_euler import (  # noqa: E402
     FastEulerAncestralDiscreteScheduler,
     FastEulerDiscreteScheduler,
     FastFlowMatchEulerDiscreteScheduler,
 )
+from .diffusers_unipc import FastUniPCMultistepScheduler  # noqa: E402

@@ -3,10 +3,11 @@
 Every tensor is seen as ``[B, N]``: a batch stride and N contiguous elements per sample (a plain tensor, a batch
 slice, or the ε-half of a ``[B, 2C, ...]`` learned-variance output all qualify without a copy). Each program owns
 ``SUBTILES`` tiles of ``SAMPLES × BLOCK_N`` elements (``SAMPLES > 1`` packs several small samples into one program;
-``SUBTILES = 2`` consecutive tiles of a large sample, processed in a loop) and gathers its samples' coefficient rows
-from the float32 table by their step t, read from device memory: nothing per-step is a Python scalar, so a captured
-CUDA graph replays correctly at every step, and nothing is ``tl.constexpr`` but the shape of the work (no
-recompiles across steps).
+``SUBTILES`` consecutive tiles of a large sample, processed in a loop: 2 × 1024 over 4 warps, or 8 × 256 over 2
+warps for 32-bit storage with the counter noise — fewer values live across Philox, full occupancy; see
+:func:`launch_config`) and gathers its samples' coefficient rows from the float32 table by their step t, read from
+device memory: nothing per-step is a Python scalar, so a captured CUDA graph replays correctly at every step, and
+nothing is ``tl.constexpr`` but the shape of the work (no recompiles across steps).
 
 Per element (see ``fastrev.tables`` for the table's columns)::
 
@@ -303,8 +304,14 @@ def _reverse_step_kernel(
     step = t
     VEC: tl.constexpr = 8 if (x_ptr.dtype.element_ty.primitive_bitwidth == 16 and BLOCK_N >= 8) else 4
     if NOISE_MODE == modes.NOISE_PHILOX:
-        seed = tl.load(seed_ptr).to(tl.uint64)
-        seed_lo, seed_hi = (seed & 0xFFFFFFFF).to(tl.uint32), (seed >> 32).to(tl.uint32)
+        if VEC == 8:
+            seed = tl.load(seed_ptr).to(tl.uint64)
+            seed_lo, seed_hi = (seed & 0xFFFFFFFF).to(tl.uint32), (seed >> 32).to(tl.uint32)
+        else:   # the key as two 32-bit loads (little-endian words): with the halves of a 64-bit load, LLVM widens
+            # Philox's 32-bit xors with the key to 64 bits, and each wide multiply then costs one more add
+            seed_words = seed_ptr.to(tl.pointer_type(tl.uint32), bitcast=True)
+            seed_lo = tl.load(seed_words)
+            seed_hi = tl.load(seed_words + 1)
         step = tl.load(step_ptr + rows, mask=row_ok, other=0)
 
     for sub in tl.range(0, SUBTILES, loop_unroll_factor=1):     # a loop, not unrolled: registers of one tile
@@ -383,6 +390,10 @@ def _reverse_step_kernel(
 _TILE = 1024          # elements per tile
 _SUBTILES = 2         # tiles per program once a sample fills a tile (the per-program work amortised over 2048)
 _NUM_WARPS = 4
+# 32-bit storage with the in-kernel counter noise, once a sample fills a program: the same 2048 elements per program
+# as 8 tiles of 256 over 2 warps — 4 elements (one Philox group) per thread and tile instead of 8, so fewer values
+# are live across Philox and Box–Muller: 32 registers (full occupancy on sm_90) instead of 40 (docs/kernel.md)
+_NOISE_TILE_32 = (256, 8, 2)      # BLOCK_N, SUBTILES, num_warps
 _MAX_GRID_YZ = 65535  # CUDA's limit on grid axes 1 and 2
 
 
@@ -436,6 +447,17 @@ def _tile(n: int):
     return samples, block_n, (_SUBTILES if samples == 1 and n > block_n else 1)
 
 
+def launch_config(n: int, elem_bytes: int = 4, noise_mode: int = NOISE_NONE, hip: bool = False):
+    """(SAMPLES, BLOCK_N, SUBTILES, num_warps) of a launch over N elements per sample in ``elem_bytes``-byte storage
+    (x's dtype) with ``noise_mode``; ``hip``: an AMD GPU (64-wide wavefronts: the 4-warp tiles)."""
+    samples, block_n, subtiles = _tile(n)
+    if samples == 1 and subtiles == _SUBTILES and elem_bytes == 4 and noise_mode == NOISE_PHILOX and not hip:
+        block_n, subtiles, warps = _NOISE_TILE_32
+        assert block_n * subtiles == _TILE * _SUBTILES          # the same grid
+        return 1, block_n, subtiles, warps
+    return samples, block_n, subtiles, _NUM_WARPS
+
+
 def _span(t: torch.Tensor | None, B: int, N: int) -> int:
     """Largest element offset a [B, N] view of ``t`` can touch (+1)."""
     if t is None or B == 0:
@@ -485,7 +507,8 @@ def _launch(kernel, ts: StepTensors, sample_offset: int, clip_mode: int, var_mod
         raise ValueError("x0_noise cannot be combined with dynamic thresholding (its pre-pass does not see z)")
     if B == 0 or N == 0:
         return
-    samples, block_n, subtiles = _tile(N)
+    samples, block_n, subtiles, warps = launch_config(N, x.element_size(), noise_mode,
+                                                      hip=getattr(torch.version, "hip", None) is not None)
     # int64 offsets only when some tensor's [B, N] view reaches past 2^31 elements (chosen here, on the host)
     span = max(_span(a, B, N) for a in (x, ts.out, ts.var, ts.noise, *hist, prev, ts.x0, ts.aux, ts.cond))
     int64 = bool(force_int64) or span >= 2**31 - 1 or B >= 2**31 - 1
@@ -505,7 +528,7 @@ def _launch(kernel, ts: StepTensors, sample_offset: int, clip_mode: int, var_mod
             stride(ts.aux),
             CLIP_MODE=clip_mode, VAR_MODE=var_mode, NOISE_MODE=noise_mode, WRITE_X0=ts.x0 is not None,
             HISTORY=len(hist), GUIDED=ts.cond is not None, AUX=ts.aux is not None, X0_NOISE=bool(x0_noise),
-            SAMPLES=samples, BLOCK_N=block_n, SUBTILES=subtiles, INT64=int64, num_warps=_NUM_WARPS,
+            SAMPLES=samples, BLOCK_N=block_n, SUBTILES=subtiles, INT64=int64, num_warps=warps,
         )
 
 

@@ -145,6 +145,25 @@ def test_kernel_noise_independent_of_batch_split_and_tile():
     assert torch.equal(big[:, :37], whole[:2])
 
 
+def test_kernel_noise_with_a_64_bit_seed_in_every_tile_shape():
+    """A seed with both key words non-zero, in each launch shape: several samples per program (N = 37), 32-bit
+    storage in 256-element tiles over 2 warps (N = 2100: the counter-noise configuration, the key read as two 32-bit
+    words), 16-bit storage in 1024-element tiles; each the stream of fastrev.noise."""
+    seed = 2**62 - 987_654_321
+    assert K.launch_config(2100, 4, K.NOISE_PHILOX) == (1, 256, 8, 2)
+    assert K.launch_config(2100, 2, K.NOISE_PHILOX) == (1, 1024, 2, 4)
+    assert K.launch_config(2100, 4, K.NOISE_TENSOR) == (1, 1024, 2, 4)
+    assert K.launch_config(2100, 4, K.NOISE_PHILOX, hip=True) == (1, 1024, 2, 4)
+    assert K.launch_config(37, 4, K.NOISE_PHILOX)[0] > 1
+    for N, dtype in ((37, torch.float32), (2100, torch.float32), (2100, torch.float16)):
+        z = _kernel_noise(3, N, seed=seed, step=11, sample_offset=5, dtype=dtype).float().cpu()
+        want = noise.randn(seed, torch.arange(5, 8), 11, N)
+        if dtype == torch.float16:
+            torch.testing.assert_close(z, want.half().float(), rtol=2.0**-10, atol=1e-6)
+        else:
+            torch.testing.assert_close(z, want, rtol=0, atol=1e-6)
+
+
 def test_kernel_noise_in_16_bit_storage_is_the_stream():
     """16-bit storage builds the noise in the 8-per-thread load layout (two Philox groups per thread): the same
     stream, rounded once to the storage dtype."""

@@ -76,6 +76,20 @@ clipped x̂₀, ε̂ = (x − √ᾱ x̂₀)/√(1 − ᾱ), as improved-diffusi
   x̂₀ = x − σ·v (with ``clip_sample``: v̂ = (x − clip(x̂₀))/σ). The model is fed t = σ·num_train_timesteps
   (float32). x_T = z is exact (the path's marginal at σ = 1 is N(0, I)); no noise after it.
 
+* ``dpmpp_2m``, ``dpmpp_3m``, ``dpmpp_2m_sde``, ``dpmpp_3m_sde``: DPM-Solver++ multistep (data prediction,
+  midpoint 2nd order), diffusers' ``DPMSolverMultistepScheduler`` with ``algorithm_type`` "dpmsolver++" /
+  "sde-dpmsolver++" and its defaults (first order on the first and the last step, which lands on σ = 0; 3M at
+  order ≤ 2 on the second-to-last step when N < 15). The SDE variants draw noise at key i. Default spacing
+  "trailing". Tables: :func:`fastrev.sampling.multistep.dpmpp_table`.
+* ``unipc``: UniPC bh2 with its corrector (``solver_order`` 1, 2 (default) or 3), diffusers'
+  ``UniPCMultistepScheduler``: the corrector of step k and the predictor of step k + 1 in one launch, the corrected
+  sample written as the kernel's aux output for the next step's corrector. Default spacing "trailing". Tables:
+  :func:`fastrev.sampling.multistep.unipc_table`.
+
+  The multistep methods read their history (earlier x̂₀'s, UniPC's previous corrected sample) in the same pass as
+  the step and write the new x̂₀ into a ring buffer that the step does not read (no copies); formulas, table columns
+  and bytes per element: docs/samplers.md.
+
 Conditioning and classifier-free guidance
 -----------------------------------------
 With ``conditioning`` the model is ``model(x, t, cond)`` (cond: the chunk's rows of the conditioning). With
@@ -93,7 +107,8 @@ Noise keys (never repeated within a run)
 The normal for element e of global sample j = start + position at noise step k is Philox(seed; e//4, j, k, 0)
 (:mod:`fastrev.noise`). With N = the respaced length: x_T uses k = N; the step at respaced index i (ddpm, ddim, sde,
 the pc predictor, euler_a) uses k = i; the pc corrector's j-th step (j = 0, 1, …) at index i uses
-k = i + (j + 1)(N + 1). The ODE, euler and flow_euler draw only x_T. A sample therefore depends on (seed, its global
+k = i + (j + 1)(N + 1). The SDE variants of DPM-Solver++ use k = i too. The ODE, euler, flow_euler, DPM-Solver++
+2M/3M and UniPC draw only x_T. A sample therefore depends on (seed, its global
 index) alone: never on ``batch_size``, on
 the chunk it lands in, or on the backend (the kernel's Philox and torch's agree to a few ulp).
 
@@ -103,7 +118,9 @@ CUDA graphs
 on a side stream, and replays it with the step index copied into a device buffer: everything per-step (table rows,
 model timesteps, noise keys) is computed on the device from that buffer, nothing is a Python scalar frozen into the
 graph except the chunk's global sample offset (hence one capture per chunk). The ODE's last (Euler) step runs
-eagerly. It needs the fused backend and a capturable model (no host syncs).
+eagerly. The multistep methods cycle through ring buffers: one graph per ring arrangement (``Plan.phases``: 2 to
+6), captured when it first comes up, all sharing one memory pool. It needs the fused backend and a capturable model
+(no host syncs).
 
 Backends
 --------
@@ -128,11 +145,13 @@ from .coefficients import (
     pc_predictor_table,
     sde_table,
 )
+from .multistep import dpmpp_table, unipc_table
 from .options import (
     CORRECTOR_NORMS,
     FLOW_METHODS,
     FLOW_PREDICTION,
     METHODS,
+    MULTISTEP_METHODS,
     ODE_SOLVERS,
     SAMPLER_BACKENDS,
     VP_METHODS,
@@ -140,6 +159,7 @@ from .options import (
 )
 
 __all__ = ["sample", "sample_range", "SampleOptions", "METHODS", "VP_METHODS", "FLOW_METHODS", "FLOW_PREDICTION",
-           "ODE_SOLVERS", "CORRECTOR_NORMS", "SAMPLER_BACKENDS", "noise_keys", "beta_dt", "sde_table",
-           "ode_euler_table", "ode_heun_table", "pc_corrector_table", "pc_predictor_table", "euler_table",
+           "MULTISTEP_METHODS", "ODE_SOLVERS", "CORRECTOR_NORMS", "SAMPLER_BACKENDS", "noise_keys", "beta_dt",
+           "sde_table", "dpmpp_table", "unipc_table", "ode_euler_table", "ode_heun_table", "pc_corrector_table",
+           "pc_predictor_table", "euler_table",
            "euler_ancestral_table", "flow_sigmas", "flow_euler_table"]

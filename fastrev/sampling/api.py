@@ -138,11 +138,14 @@ def sample(model: Callable, shape, schedule: Schedule, options: Optional[SampleO
     Keyword options (the fields of :class:`fastrev.sampling.SampleOptions`):
         method: "ddpm" (default; ancestral), "ddim" (DDIM(η)), "sde" (Euler–Maruyama on the reverse VP-SDE), "ode"
             (probability-flow ODE, Heun by default), "pc" (reverse-diffusion predictor + Langevin corrector),
-            "euler" / "euler_a" (σ-space Euler / Euler-ancestral, k-diffusion and diffusers conventions) or
-            "flow_euler" (flow-matching Euler for a velocity model).
+            "euler" / "euler_a" (σ-space Euler / Euler-ancestral, k-diffusion and diffusers conventions),
+            "flow_euler" (flow-matching Euler for a velocity model), "dpmpp_2m" / "dpmpp_3m" (DPM-Solver++ 2M / 3M),
+            "dpmpp_2m_sde" / "dpmpp_3m_sde" (their SDE variants) or "unipc" (UniPC bh2 with its corrector): the
+            multistep ones read earlier x̂₀'s in the same launch (docs/samplers.md).
         num_steps: respace to this many steps (None: as many as the schedule has).
-        timestep_spacing: "leading" (default), "linspace", "trailing" or an improved-diffusion string ("ddim50",
-            "10,15,20"); not for "flow_euler".
+        timestep_spacing: "leading" (default; "trailing" for the multistep methods, which extrapolate x̂₀ in
+            λ = log(α/σ) and suffer from a grid that visits t = 0), "linspace", "trailing" or an improved-diffusion
+            string ("ddim50", "10,15,20"); not for "flow_euler".
         eta: DDIM's η in [0, 1] (method "ddim" only; default 0).
         prediction_type: "epsilon" (default), "sample" or "v_prediction"; "flow_prediction" (the default and only
             choice) for "flow_euler".
@@ -165,6 +168,7 @@ def sample(model: Callable, shape, schedule: Schedule, options: Optional[SampleO
             expectations d and d/(1 − ᾱ), a table) or "sample" (each sample's own norms, score_sde's rule made
             per-sample: a reduction pass; biased in low dimension, see :mod:`fastrev.sampling`).
         ode_solver: "heun" (default) or "euler" (method "ode" only).
+        solver_order: UniPC's order, 1, 2 (default) or 3 (method "unipc" only).
         shift: the flow grid's shift (default 1: none), σ = shift·u/(1 + (shift − 1)·u) (method "flow_euler" only).
         backend: one of ``fastrev.ops.BACKENDS``, resolved by ``ops.resolve_backend`` and run by
             ``ops.fused_step``: "auto" (default; the fused kernel on CUDA), "triton" (the kernel; the Triton

@@ -3,7 +3,9 @@
 ``cuda_graph=True`` captures one whole step (model call(s), reductions and launches) per chunk, after a warm-up on a
 side stream, and replays it with the step index copied into a device buffer: everything per-step is computed on the
 device from that buffer; nothing is a Python scalar frozen into the graph except the chunk's global sample offset
-(hence one capture per chunk). Steps a method marks as not graphable (the ODE's last, Euler, step) run eagerly.
+(hence one capture per chunk). Steps a method marks as not graphable (the ODE's last, Euler, step) run eagerly. A
+multistep solver cycles through ring buffers (``Plan.phases`` arrangements): one graph per arrangement, captured
+when it first comes up, all in one memory pool.
 """
 
 from __future__ import annotations
@@ -33,6 +35,12 @@ class CudaGraph:
         self.device = device
         self.graph = None
         self.result = None
+        self.pool = None
+
+    def share_pool(self, other: "CudaGraph"):
+        """Capture into ``other``'s memory pool (graphs replayed one after the other, in capture order, may share
+        one: the multistep solvers' per-phase graphs then hold one set of model temporaries, not one per phase)."""
+        self.pool = other.graph.pool()
 
     def warmup(self, fn, times: int = 2):
         s = torch.cuda.Stream(self.device)
@@ -44,7 +52,7 @@ class CudaGraph:
 
     def capture(self, fn):
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        with torch.cuda.graph(self.graph, pool=self.pool):
             self.result = fn()
         return self.result
 
@@ -56,28 +64,40 @@ class CudaGraph:
 GRAPH_IMPL = CudaGraph        # tests on machines without a GPU swap in an emulator of capture/replay
 
 
+def _capture(plan: Plan, ch: Chunk, i_buf, i: int, want_x0: bool, phase: int, share=None):
+    """A graph of the step at row ``i`` (already in ``i_buf``) in buffer arrangement ``phase``: warmed up on a
+    scratch copy of the chunk, then captured (sharing ``share``'s memory pool when given: the phases' graphs are
+    replayed in the order they were captured, one after the other)."""
+    graph = GRAPH_IMPL(plan.device)
+    if share is not None and hasattr(graph, "share_pool"):
+        graph.share_pool(share)
+    warm = ch.clone()                      # dropped on return: the warm-up does not keep its function
+    graph.warmup(lambda: plan.step(warm, i_buf, i, want_x0, phase))
+    graph.capture(lambda: plan.step(ch, i_buf, i, want_x0, phase))
+    return graph
+
+
 def run_chunk(plan: Plan, n: int, offset: int, *, callback, bar, cuda_graph: bool, check_finite: bool = False):
-    """Samples ``offset .. offset + n − 1``: x_T, then the N steps (rows N − 1 … 0), returning the chunk's x."""
+    """Samples ``offset .. offset + n − 1``: x_T, then the N steps (rows N − 1 … 0), returning the chunk's x.
+    Step pos runs buffer arrangement pos % plan.phases (1 but for the multistep solvers' ring buffers); with
+    ``cuda_graph`` each arrangement gets its graph, captured when it first comes up."""
     ch = Chunk(plan, n, offset)
     i_buf = torch.zeros(1, dtype=torch.int64, device=plan.device)
     want_x0 = callback is not None
     order = list(range(plan.N - 1, -1, -1))
-    graph = None
-    if cuda_graph:
-        first = next((i for i in order if plan.graphable(i)), None)
-        if first is not None:
-            graph = GRAPH_IMPL(plan.device)
-            warm = ch.clone()
-            i_buf.fill_(first)
-            graph.warmup(lambda: plan.step(warm, i_buf, first, want_x0))
-            del warm
-            graph.capture(lambda: plan.step(ch, i_buf, first, want_x0))
+    period = plan.phases
+    graphs: dict = {}
     for pos, i in enumerate(order):
+        phase = pos % period
         i_buf.fill_(i)
-        if graph is not None and plan.graphable(i):
+        if cuda_graph and plan.graphable(i):
+            graph = graphs.get(phase)
+            if graph is None:
+                graph = graphs[phase] = _capture(plan, ch, i_buf, i, want_x0, phase,
+                                                 share=next(iter(graphs.values()), None))
             x0 = graph.replay()
         else:
-            x0 = plan.step(ch, i_buf, i, want_x0)
+            x0 = plan.step(ch, i_buf, i, want_x0, phase)
         if check_finite and not bool(torch.isfinite(ch.x).all()):     # opt-in: one host sync per step
             bad = int((~torch.isfinite(ch.x)).sum())
             raise FloatingPointError(

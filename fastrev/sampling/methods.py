@@ -8,8 +8,13 @@ captured in a CUDA graph). Adding a method is adding a unit here and its name in
 
 from __future__ import annotations
 
+import math
+
+import torch
+
 from .. import tables as T
 from . import coefficients as C
+from . import multistep as M
 
 __all__ = ["MethodStep", "METHOD_STEPS"]
 
@@ -23,7 +28,7 @@ class MethodStep:
     def builders(self, grid, o) -> dict:
         raise NotImplementedError
 
-    def step(self, plan, ch, rows, i: int, want_x0: bool):
+    def step(self, plan, ch, rows, i: int, want_x0: bool, phase: int = 0):
         out, g = plan.predict(ch, ch.x, plan.grid.ts[rows])
         return plan.apply(plan.tables["main"], rows, ch.x, out, dst=ch.x, offset=ch.offset,
                           stochastic=self.is_stochastic(plan.opts), return_x0=want_x0, guidance=g)
@@ -40,6 +45,15 @@ class MethodStep:
     def per_sample_corrector(self, o) -> bool:
         return False
 
+    def phases(self, o) -> int:
+        """How many distinct buffer arrangements the steps cycle through (step ``pos`` runs phase pos % phases):
+        one CUDA graph is captured per phase. 1 for the single-state methods."""
+        return 1
+
+    def init_state(self, o, x):
+        """Per-chunk buffers beyond x (a multistep solver's history), or None."""
+        return None
+
 
 class DDPM(MethodStep):
     """Ancestral sampling, ``tables.ddpm_table`` on R (learned variances read the model's extra channels)."""
@@ -49,9 +63,9 @@ class DDPM(MethodStep):
     def builders(self, g, o):
         return {"main": lambda: T.ddpm_table(g.R, o.prediction_type, o.variance_type, o.clip_sample)}
 
-    def step(self, plan, ch, rows, i, want_x0):
+    def step(self, plan, ch, rows, i, want_x0, phase=0):
         if not plan.opts.learned:
-            return super().step(plan, ch, rows, i, want_x0)
+            return super().step(plan, ch, rows, i, want_x0, phase)
         out, g = plan.predict(ch, ch.x, plan.grid.ts[rows], learned=True)
         return plan.apply(plan.tables["main"], rows, ch.x, out, dst=ch.x, offset=ch.offset, stochastic=True,
                           return_x0=want_x0, learned=True, guidance=g)
@@ -96,7 +110,7 @@ class ODE(MethodStep):
     def needs_scratch_state(self, o):
         return o.ode_solver == "heun"
 
-    def step(self, plan, ch, rows, i, want_x0):
+    def step(self, plan, ch, rows, i, want_x0, phase=0):
         ts = plan.grid.ts
         out, g = plan.predict(ch, ch.x, ts[rows])
         euler = plan.tables["euler"]
@@ -128,7 +142,7 @@ class PC(MethodStep):
     def per_sample_corrector(self, o):
         return o.corrector_norms == "sample"
 
-    def step(self, plan, ch, rows, i, want_x0):
+    def step(self, plan, ch, rows, i, want_x0, phase=0):
         t = plan.grid.ts[rows]
         for j in range(plan.opts.corrector_steps):
             out, g = plan.predict(ch, ch.x, t)
@@ -139,7 +153,7 @@ class PC(MethodStep):
             else:
                 plan.apply(plan.tables["corr"], rows, ch.x, out, dst=ch.x, offset=ch.offset, keys=keys,
                            stochastic=True, guidance=g)
-        return super().step(plan, ch, rows, i, want_x0)
+        return super().step(plan, ch, rows, i, want_x0, phase)
 
 
 class Euler(MethodStep):
@@ -170,5 +184,74 @@ class FlowEuler(MethodStep):
         return {"main": lambda: C.flow_euler_table(g.sigmas, o.clip_sample)}
 
 
+class Multistep(MethodStep):
+    """A multistep solver: each step is ONE launch that reads its history (earlier x̂₀'s, and for UniPC the previous
+    corrected sample) in the same pass and writes the new x̂₀ (and the aux output) into ring buffers that this step
+    does not read: no copies. The history length is fixed per method (a compile-time property of the launch); rows
+    of lower order (the warm-up, the last steps) have zero coefficients on the missing entries, whose buffers start
+    as zeros. Step pos uses ring slots by phase = pos mod lcm(P + 1, 2 if aux): the x̂₀ of step pos lives in
+    slot pos mod (P + 1) (P = x̂₀ history length), the aux in slot pos mod 2."""
+
+    needs = "λ = log(√ᾱ/√(1 − ᾱ)) finite"
+    aux = False
+
+    def x0_history(self, o) -> int:
+        raise NotImplementedError
+
+    def phases(self, o):
+        n = self.x0_history(o) + 1
+        return n * 2 // math.gcd(n, 2) if self.aux else n
+
+    def init_state(self, o, x):
+        n = self.x0_history(o) + 1
+        return {"x0": [torch.zeros_like(x) for _ in range(n)],
+                "aux": [torch.zeros_like(x) for _ in range(2)] if self.aux else None}
+
+    def step(self, plan, ch, rows, i, want_x0, phase=0):
+        st = ch.state
+        ring = st["x0"]
+        n = len(ring)
+        w = ring[phase % n]
+        hist = [ring[(phase - j) % n] for j in range(1, n)]         # m_{k−1}, m_{k−2}, …
+        aux_out = None
+        if self.aux:
+            aux_out = st["aux"][phase % 2]
+            hist = [st["aux"][(phase - 1) % 2]] + hist                 # x^c_{k−1} first
+        out, g = plan.predict(ch, ch.x, plan.grid.ts[rows])
+        plan.apply(plan.tables["main"], rows, ch.x, out, dst=ch.x, offset=ch.offset,
+                   stochastic=self.is_stochastic(plan.opts), guidance=g, history=tuple(hist), x0_out=w,
+                   aux_out=aux_out)
+        return w
+
+
+class DPMSolverPP(Multistep):
+    """DPM-Solver++(2M / 3M), and their SDE variants (noise key = the row): ``multistep.dpmpp_table``."""
+
+    def __init__(self, order: int, sde: bool):
+        self.order, self.stochastic = order, sde
+
+    def x0_history(self, o):
+        return M.dpmpp_history(self.order)
+
+    def builders(self, g, o):
+        return {"main": lambda: M.dpmpp_table(g.R, self.order, self.stochastic, o.prediction_type, o.clip_sample)}
+
+
+class UniPC(Multistep):
+    """UniPC bh2 (order ``solver_order``, default 2) with its corrector, in one launch: the corrector of x_k (with
+    the model output at x_k) and the predictor from the corrected sample, whose x^c_k is the aux output (the next
+    step's corrector starts from it): ``multistep.unipc_table``."""
+
+    aux = True
+
+    def x0_history(self, o):
+        return M.unipc_history(o.solver_order) - 1
+
+    def builders(self, g, o):
+        return {"main": lambda: M.unipc_table(g.R, o.solver_order, o.prediction_type, o.clip_sample)}
+
+
 METHOD_STEPS = {"ddpm": DDPM(), "ddim": DDIM(), "sde": SDE(), "ode": ODE(), "pc": PC(), "euler": Euler(),
-                "euler_a": EulerAncestral(), "flow_euler": FlowEuler()}
+                "euler_a": EulerAncestral(), "flow_euler": FlowEuler(),
+                **{name: DPMSolverPP(order, sde) for name, (order, sde) in M.DPMPP_METHODS.items()},
+                "unipc": UniPC()}

@@ -19,10 +19,13 @@ from ..ops import _check_choice as _choice
 from ..reference import PREDICTION_TYPES, VARIANCE_TYPES
 from ..schedule import TIMESTEP_SPACINGS
 
-__all__ = ["SampleOptions", "METHODS", "VP_METHODS", "FLOW_METHODS", "CORRECTOR_NORMS", "ODE_SOLVERS",
-           "SAMPLER_BACKENDS", "FLOW_PREDICTION", "DTYPES"]
+__all__ = ["SampleOptions", "METHODS", "VP_METHODS", "FLOW_METHODS", "MULTISTEP_METHODS", "CORRECTOR_NORMS",
+           "ODE_SOLVERS", "SAMPLER_BACKENDS", "FLOW_PREDICTION", "DTYPES", "UNIPC_ORDERS"]
 
-VP_METHODS = ("ddpm", "ddim", "sde", "ode", "pc", "euler", "euler_a")
+MULTISTEP_METHODS = ("dpmpp_2m", "dpmpp_3m", "dpmpp_2m_sde", "dpmpp_3m_sde", "unipc")
+"""The multistep solvers (DPM-Solver++ 2M / 3M and their SDE variants, UniPC bh2): one launch per step that reads
+earlier x̂₀'s in the same pass (:mod:`fastrev.sampling.multistep`)."""
+VP_METHODS = ("ddpm", "ddim", "sde", "ode", "pc", "euler", "euler_a") + MULTISTEP_METHODS
 """Methods for a model of the VP (DDPM) forward process x_t = √ᾱ x₀ + √(1 − ᾱ) ε, fed int training timesteps."""
 FLOW_METHODS = ("flow_euler",)
 """Methods for a velocity model of the rectified-flow path x_σ = (1 − σ) x₀ + σ ε, fed float timesteps σ·N."""
@@ -34,6 +37,8 @@ FLOW_PREDICTION = "flow_prediction"             # diffusers' name for a velocity
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 DEFAULT_SNR = 0.16
 DEFAULT_CORRECTOR_STEPS = 1
+UNIPC_ORDERS = (1, 2, 3)
+DEFAULT_UNIPC_ORDER = 2
 
 
 def _is_int(v) -> bool:
@@ -61,9 +66,10 @@ class SampleOptions:
 
     Built once and validated on construction (``TypeError``/``ValueError`` naming the option); fields left ``None``
     take the method's default here (``prediction_type``, ``timestep_spacing``, ``snr``, ``corrector_steps``,
-    ``corrector_norms``, ``ode_solver``, ``shift``), so a built object holds the values the run uses. Derive a variant
-    with :meth:`replace` (validated again; method defaults the caller left unset are re-derived for the new method,
-    which ``dataclasses.replace`` would carry over). See :func:`fastrev.sample` for the meaning of each field.
+    ``corrector_norms``, ``ode_solver``, ``shift``, ``solver_order``), so a built object holds the values the run
+    uses. Derive a variant with :meth:`replace` (validated again; method defaults the caller left unset are
+    re-derived for the new method, which ``dataclasses.replace`` would carry over). See :func:`fastrev.sample` for
+    the meaning of each field.
     """
 
     method: str = "ddpm"
@@ -85,6 +91,7 @@ class SampleOptions:
     corrector_norms: Optional[str] = None
     ode_solver: Optional[str] = None
     shift: Optional[float] = None
+    solver_order: Optional[int] = None
     backend: str = "auto"
     check_finite: bool = False
     conditioning: Optional[torch.Tensor] = None
@@ -140,6 +147,15 @@ class SampleOptions:
         if m == "ode":
             self._set("ode_solver", "heun" if self.ode_solver is None else self.ode_solver)
             _choice("ode_solver", self.ode_solver, ODE_SOLVERS)
+        _only_for("solver_order", self.solver_order, m, ("unipc",))
+        if m == "unipc":
+            order = DEFAULT_UNIPC_ORDER if self.solver_order is None else self.solver_order
+            if not _is_int(order):
+                raise TypeError(f"solver_order must be an int, got {type(order).__name__}")
+            if order not in UNIPC_ORDERS:
+                raise ValueError(f"solver_order must be one of {UNIPC_ORDERS} (UniPC's order; history up to "
+                                 f"x^c and 3 earlier x̂₀'s), got {order}")
+            self._set("solver_order", order)
         _only_for("shift", self.shift, m, FLOW_METHODS)
         if flow:
             shift = 1.0 if self.shift is None else self.shift
@@ -160,7 +176,10 @@ class SampleOptions:
                 raise ValueError(f"timestep_spacing does not apply to method={self.method!r} (its σ grid is "
                                  f"linspace(1, 0) with an optional shift), got {ts!r}")
             return
-        ts = "leading" if ts is None else ts
+        # the multistep solvers extrapolate x̂₀ in λ: a grid that visits t = 0 (λ ≈ 4.6 for the linear schedule)
+        # makes the step into it huge against the one before, so their default is "trailing" (as diffusers' grids,
+        # which never visit t = 0); the others keep "leading"
+        ts = ("trailing" if self.method in MULTISTEP_METHODS else "leading") if ts is None else ts
         if not isinstance(ts, str):
             raise TypeError(f"timestep_spacing must be a str, got {type(ts).__name__}")
         if ts not in TIMESTEP_SPACINGS and not (ts.startswith("ddim") or (ts and set(ts) <= set("0123456789,"))):
@@ -270,4 +289,4 @@ class SampleOptions:
     def table_key(self) -> tuple:
         """The options a method's coefficient tables depend on (the cache key on the grid's schedule)."""
         return (self.method, self.prediction_type, self.variance_type, self.clip_sample, self.eta, self.snr,
-                self.ode_solver, self.shift)
+                self.ode_solver, self.shift, self.solver_order)

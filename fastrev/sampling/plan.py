@@ -304,14 +304,16 @@ class Plan:
         return self.grid.timesteps
 
     def apply(self, table, rows, x, out, *, dst, offset, keys=None, stochastic, noise=None, base=None,
-              return_x0=False, learned=False, guidance=None):
-        """x_new = the table update of (x, out[, base], z) at ``rows``, written into ``dst``; returns x̂₀ or None.
-        With ``guidance`` (from :meth:`predict`), ``out`` is the unconditional half and the fused step combines
-        the halves (in the kernel's registers on the fused backend)."""
+              return_x0=False, learned=False, guidance=None, history=None, x0_out=None, aux_out=None):
+        """x_new = the table update of (x, out[, base | history], z) at ``rows``, written into ``dst``; returns x̂₀
+        or None. With ``guidance`` (from :meth:`predict`), ``out`` is the unconditional half and the fused step
+        combines the halves (in the kernel's registers on the fused backend). ``x0_out`` / ``aux_out``: buffers the
+        step writes x̂₀ / the table's aux output into (a multistep solver's history)."""
         res = ops.fused_step(table, rows, x, out, learned=learned, variance_type=self.opts.variance_type,
                              clip=self.opts.clip_sample, noise=noise, seed=self.seed, sample_offset=offset,
-                             stochastic=stochastic, out=dst, return_x0=return_x0, step=keys, base=base,
-                             backend=self.backend, guidance=guidance)
+                             stochastic=stochastic, out=dst, return_x0=return_x0 or x0_out is not None, step=keys,
+                             base=base, history=history, backend=self.backend, guidance=guidance, x0_out=x0_out,
+                             aux_out=aux_out)
         return res.pred_original_sample
 
     def predict(self, ch: "Chunk", x, t, learned: bool = False):
@@ -331,16 +333,22 @@ class Plan:
     def graphable(self, i: int) -> bool:
         return self.method.graphable(self.opts, i)
 
-    def step(self, ch: "Chunk", i_buf: torch.Tensor, i: int, want_x0: bool):
+    @property
+    def phases(self) -> int:
+        """The number of buffer arrangements the method's steps cycle through (step pos runs phase
+        pos % phases; one CUDA graph per phase): 1 except for the multistep solvers' ring buffers."""
+        return self.method.phases(self.opts)
+
+    def step(self, ch: "Chunk", i_buf: torch.Tensor, i: int, want_x0: bool, phase: int = 0):
         """One step at row ``i_buf`` (a device buffer: every per-step value is read from it, so the step is
-        graph-safe); the host int ``i`` only selects the code path (the ODE's last step)."""
+        graph-safe); the host int ``i`` only selects the code path (the ODE's last step), ``phase`` the buffers."""
         rows = i_buf.expand(ch.x.shape[0]).contiguous()
-        return self.method.step(self, ch, rows, i, want_x0)
+        return self.method.step(self, ch, rows, i, want_x0, phase)
 
 
 class Chunk:
     """The state of one chunk of samples: x (updated in place; x_T is the counter stream at key N), the scratch its
-    method needs, the chunk's global offset, row indices."""
+    method needs (Heun's x', a multistep solver's ring buffers), the chunk's global offset, row indices."""
 
     def __init__(self, plan: Plan, n: int, offset: int):
         shape = (n,) + plan.sample_shape
@@ -353,12 +361,16 @@ class Chunk:
         kernel_z = plan.corrector is not None and plan.fused
         self.zero_rows = torch.zeros(n, dtype=torch.int64, device=plan.device) if kernel_z else None
         self.z = torch.empty(shape, dtype=torch.float32, device=plan.device) if kernel_z else None
+        self._new_state = lambda x: plan.method.init_state(plan.opts, x)
+        self.state = self._new_state(self.x)               # a multistep solver's ring buffers (zeros), or None
 
     def clone(self) -> "Chunk":
         c = Chunk.__new__(Chunk)
         c.offset, c.arange, c.zero_rows = self.offset, self.arange, self.zero_rows
+        c._new_state = self._new_state
         c.cond, c.guidance_scale = self.cond, self.guidance_scale
         c.z = None if self.z is None else torch.empty_like(self.z)
         c.x = self.x.clone()
         c.xp = None if self.xp is None else torch.empty_like(self.xp)
+        c.state = c._new_state(c.x)
         return c
