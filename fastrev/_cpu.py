@@ -108,6 +108,8 @@ def _seed_words(seed: torch.Tensor):
 
 def _rows2d(x: torch.Tensor, B: int, N: int) -> np.ndarray:
     """[B, N] numpy view of a per-sample contiguous float32 CPU tensor (any batch stride)."""
+    if B and x.is_contiguous() and not x.requires_grad:     # the common case in two calls: the same C-order view
+        return x.numpy().reshape(B, N)
     return x.detach().as_strided((B, N), (x.stride(0) if x.dim() else N, 1)).numpy() if B else \
         np.zeros((0, N), np.float32)
 
@@ -166,7 +168,7 @@ def table_step(coef, x, o, *, var=None, z=None, base=None, thresh=None, clip=Fal
     h_0..h_3 (coef's columns D0..D3); ``base`` is a history of one (give one or the other). ``aux``: written with
     AX0·x̂₀ + AX·x + Σ_j AHj·h_j; ``x0_noise``: x̂₀ += Z0·z before the clip (needs noise; not with ``thresh``)."""
     B = x.shape[0]
-    N = x[0].numel() if B else 0
+    N = x.numel() // B if B else 0
     if B == 0 or N == 0:
         return
     if thresh is not None:

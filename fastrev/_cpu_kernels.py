@@ -197,7 +197,7 @@ def _step_kernel(x, o, v, z, h0, h1, h2, h3, coef, thresh, sidx, steps, k0, k1, 
         if (add_noise or x0_noise) and noise_mode == 2:
             _fill_normals(Z, sidx[b], steps[b], g0, g1, k0, k1, UA, UB)
         xb, ob, pb = x[b], o[b], prev[b]
-        if var_mode == 0 and n_hist == 0 and not want_aux and not x0_noise:
+        if var_mode == 0 and n_hist == 0 and not want_aux:
             # the common case as straight loops over the block that LLVM vectorizes: clipping as selects (an
             # infinite range when off; NaN passes through both), thresholding's 1/s division (by 1.0 otherwise:
             # exact), x̂₀ into a scratch block when not wanted
@@ -206,7 +206,21 @@ def _step_kernel(x, o, v, z, h0, h1, h2, h3, coef, thresh, sidx, steps, k0, k1, 
             ss = r if clip_mode == 2 else one
             xs, os_, ps = xb[e0:e1], ob[e0:e1], pb[e0:e1]
             x0s = x0[b, e0:e1] if want_x0 else X0S[:n]
-            if add_noise:
+            if x0_noise:                    # Euler's churn: the same z in x̂₀ (before the clip) and x_{t−1}
+                zs = z[b, e0:e1] if noise_mode == 1 else Z[:n]
+                for j in range(n):
+                    xv = xs[j]
+                    ov = os_[j]
+                    zv = zs[j]
+                    xh = a * xv + bb * ov
+                    xh = xh + z0c * zv
+                    xh = rr if xh > rr else xh
+                    xh = -rr if xh < -rr else xh
+                    xh = xh / ss
+                    p = c0 * xh + c1 * xv + c2 * ov
+                    ps[j] = p + sig * zv if add_noise else p
+                    x0s[j] = xh
+            elif add_noise:
                 zs = z[b, e0:e1] if noise_mode == 1 else Z[:n]
                 for j in range(n):
                     xv = xs[j]

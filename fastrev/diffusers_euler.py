@@ -15,7 +15,7 @@ bit.
 
 How a step runs. Every one of these steps is linear in (sample, model output) plus noise::
 
-    x̂₀ = A·x + B·out            prev = C1·x + C2·out + SIGMA·z
+    x̂₀ = A·x + B·out [+ Z0·z]            prev = C1·x + C2·out + SIGMA·z
 
 with one row of float64 coefficients per step index, built on the host from diffusers' float32 sigmas when the chain
 is set, cast to float32 and kept on the device (``fastrev.tables`` layout, ``fastrev.ops.fused_step``: one fused kernel
@@ -46,14 +46,22 @@ Where the host is still needed (documented, never silent):
 
 Churn (``EulerDiscreteScheduler.step(s_churn=...)``): diffusers adds c·z (c = s_noise·√(σ̂² − σ²)) to the sample and
 computes x̂₀ from the churned sample, so the noise enters both outputs. prev = C1·(x + c·z) + C2·out puts C1·c in the
-SIGMA column; x̂₀ = A·(x + c·z) + B·out is a second launch of the same kernel on a second table (C1 = A, C2 = B,
-SIGMA = A·c) with the *same* noise (the same tensor in exact mode, the same counter in fast mode). Without churn (the
-default) the step is one launch.
+SIGMA column, x̂₀ = A·(x + c·z) + B·out puts A·c in the Z0 column, and the step is still **one launch**: the kernel's
+``x0_noise`` mode (X0_NOISE, a compile-time property of the launch) adds Z0·z to x̂₀ with the *same* z as prev's (the
+same tensor in exact mode, the same counter in fast mode). Exact mode launches without noise at a step whose γ is 0
+(diffusers draws nothing there); fast mode always generates it (times 0 there). Every step is one launch.
 
 Backends (``scheduler.backend``, an attribute, not config; see :func:`fastrev.ops.resolve_backend`): ``"auto"`` runs
 the fused Triton kernel on CUDA and ``fastrev.ops.fused_step``'s torch update elsewhere (CPU, float64 inputs,
 autograd); ``"triton"`` forces the kernel (CPU tensors under ``TRITON_INTERPRET=1``); ``"torch"`` / ``"reference"``
 force the torch update.
+
+CPU host overhead. On the CPU the step index is read and advanced on the host (the counter is a CPU tensor written
+through its numpy view: no torch op), the rows tensor and ``scale_model_input``'s divisor are cached per row, and a
+step on plain float32 contiguous CPU tensors ("torch" backend, index known on the host) calls the one-pass CPU update
+(:func:`fastrev._cpu.table_step`, what ``fused_step`` runs for such tensors) directly with coefficient rows gathered
+once per chain: the same pass and the same bits as through ``fused_step``, without its per-call dispatch. Anything
+else (other dtypes, layouts, autograd, per-sample timesteps, the device path) goes through ``fused_step``.
 
 Differences from diffusers (everything else matches):
   * ``pred_original_sample`` has the sample's dtype (diffusers: float32 after its upcast, or ``model_output`` itself
@@ -104,6 +112,7 @@ except ImportError as e:  # pragma: no cover - exercised only without diffusers
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from . import _cpu  # noqa: E402
 from . import noise as _noise  # noqa: E402
 from . import ops as _ops  # noqa: E402
 from . import tables as _T  # noqa: E402
@@ -130,6 +139,63 @@ def _is_host_number(x) -> bool:
     return isinstance(x, (float, np.floating)) or (isinstance(x, (int, np.integer)) and not isinstance(x, bool))
 
 
+_CPU = torch.device("cpu")
+#: Whether a host-indexed step on plain float32 CPU tensors calls the one-pass CPU update directly (the same result as
+#: through fused_step; tests turn it off to compare).
+_CPU_FAST = True
+_ROWS: dict = {}
+_ARANGE: dict = {}
+_BACKENDS: dict = {}
+
+
+def _resolve_backend(backend: str, device: torch.device, any_f64: bool, needs_grad: bool) -> str:
+    """:func:`fastrev.ops.resolve_backend`, memoized (a pure function of its arguments; errors are not cached)."""
+    key = (backend, device, any_f64, needs_grad)
+    r = _BACKENDS.get(key)
+    if r is None:
+        r = _ops.resolve_backend(backend, device, any_f64=any_f64, needs_grad=needs_grad)
+        if len(_BACKENDS) > 256:
+            _BACKENDS.clear()
+        _BACKENDS[key] = r
+    return r
+
+
+_functorch_wrapped = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", None)
+
+
+def _plain(t) -> bool:
+    return type(t) is torch.Tensor and t.dtype is torch.float32 and t.is_cpu and not t.requires_grad \
+        and t.is_contiguous() and not (_functorch_wrapped is not None and _functorch_wrapped(t))
+
+
+def _cpu_plain(sample, model_output, z) -> bool:
+    """The tensors (``z`` may be None) can go to the one-pass CPU update as they are: numba present, not tracing,
+    plain (not a subclass, not a functorch wrapper), float32, CPU, contiguous, no autograd — a subset of what
+    :func:`fastrev._cpu.eligible` accepts (contiguous rather than per-sample contiguous), checked more cheaply."""
+    return _cpu.AVAILABLE and _plain(sample) and _plain(model_output) and (z is None or _plain(z)) \
+        and not torch.compiler.is_compiling()
+
+
+def _arange(B: int) -> torch.Tensor:
+    """int64 [B] CPU arange (the counter noise's sample indices), cached and never written."""
+    t = _ARANGE.get(B)
+    if t is None:
+        if len(_ARANGE) > 256:
+            _ARANGE.clear()
+        t = _ARANGE[B] = torch.arange(B, dtype=torch.int64)
+    return t
+
+
+def _row_tensor(B: int, row: int) -> torch.Tensor:
+    """int64 [B] CPU tensor filled with ``row``, cached and never written (the rows of a host-indexed step)."""
+    t = _ROWS.get((B, row))
+    if t is None:
+        if len(_ROWS) > 4096:
+            _ROWS.clear()
+        t = _ROWS[(B, row)] = torch.full((B,), row, dtype=torch.int64)
+    return t
+
+
 # ------------------------------------------------------------------------------------------------ shared machinery
 class _FastEulerBase:
     """What the three drop-ins share: the internal diffusers scheduler that builds the chain, device state (tables,
@@ -148,6 +214,7 @@ class _FastEulerBase:
         self._stock = stock
         self._dstate: dict = {}         # (name, device, ...) -> [tensor, host builder]; rewritten in place per chain
         self._idx = None                # int64 [1] device counter of the step index (None: not on any device yet)
+        self._idx_host = (None, None)   # (the CPU counter, its numpy view): host-side reads/writes of a CPU counter
         self._idx_known = False         # whether the device counter holds the current chain's index
         self._host_step = None          # diffusers' host step index (mirror of the device counter when known)
         self._begin_index = None
@@ -178,7 +245,7 @@ class _FastEulerBase:
 
     # -------------------------------------------------------------------- device state
     def _device_value(self, name: tuple, device: torch.device, build) -> torch.Tensor:
-        key = (name, torch.device(device))
+        key = (name, device if type(device) is torch.device else torch.device(device))
         entry = self._dstate.get(key)
         if entry is None:
             entry = self._dstate[key] = [build().to(device).contiguous(), build]
@@ -241,7 +308,11 @@ class _FastEulerBase:
             return
         value = int(value)
         counter = self._idx if self._idx is not None else self._counter("cpu")
-        counter.fill_(min(max(value, 0), self._rows))
+        idx, arr = self._idx_host
+        if arr is not None and idx is counter and "cpu" in _HOST_DEVICES:
+            arr[0] = min(max(value, 0), self._rows)             # a CPU counter: written through numpy, no torch op
+        else:
+            counter.fill_(min(max(value, 0), self._rows))
         self._host_step, self._idx_known = value, True
 
     def _init_step_index(self, timestep) -> None:
@@ -265,7 +336,19 @@ class _FastEulerBase:
             self._idx = torch.zeros(1, dtype=torch.int64, device=device)
         elif self._idx.device != device:
             self._idx = self._idx.to(device)
+        if self._idx_host[0] is not self._idx:
+            self._idx_host = (self._idx, self._idx.numpy() if self._idx.device.type == "cpu" else None)
         return self._idx
+
+    def _host_row(self, device):
+        """The current row as a Python int when the counter is a CPU tensor that may be read on the host (a numpy
+        read, no torch op) and the host mirror of the index is known; else None (the device path)."""
+        if self._host_step is None or device != _CPU or "cpu" not in _HOST_DEVICES:
+            return None
+        idx, arr = self._idx_host
+        if arr is None or idx is not self._idx:
+            return None
+        return int(arr[0])
 
     def _host_lookup(self, timestep) -> int:
         """diffusers' ``index_for_timestep``: the second match if the timestep occurs more than once."""
@@ -302,31 +385,58 @@ class _FastEulerBase:
         self._idx_known = True
 
     def _resolve_rows(self, timestep, B: int, device, for_step: bool):
-        """Rows of the table for this call: (int64 [B] rows, per_sample)."""
-        if isinstance(timestep, bool) or isinstance(timestep, (int, np.integer)) or (
+        """Rows of the table for this call: (int64 [B] rows, per_sample). The rows are read-only: with the counter
+        on the host they are a cached tensor of the current row, on a device a copy of the counter."""
+        rows, per_sample, _ = self._locate(timestep, B, device, for_step)
+        return rows, per_sample
+
+    def _locate(self, timestep, B: int, device, for_step: bool):
+        """:meth:`_resolve_rows` plus the row as a Python int when it is known on the host (:meth:`_host_row`; None
+        for per-sample rows and on the device path): (rows, per_sample, row)."""
+        if type(timestep) is torch.Tensor:              # the common case first (a 0-dim tensor of `timesteps`)
+            if not timestep.dtype.is_floating_point:
+                self._integer_timestep_error()
+            if timestep.dim() >= 1 and timestep.numel() > 1:
+                return self._per_sample_rows(timestep, B, device), True, None
+        elif isinstance(timestep, bool) or isinstance(timestep, (int, np.integer)) or (
                 isinstance(timestep, torch.Tensor) and not timestep.dtype.is_floating_point):
-            raise ValueError(f"Passing integer indices (e.g. from `enumerate(timesteps)`) as timesteps to "
-                             f"`{type(self).__name__}.step()` is not supported. Make sure to pass one of the "
-                             f"`scheduler.timesteps` as a timestep.")
-        if isinstance(timestep, torch.Tensor) and timestep.dim() >= 1 and timestep.numel() > 1:
-            if timestep.dim() != 1 or timestep.numel() != B:
-                raise ValueError(f"timestep must be a scalar or a [B] tensor with B = {B} (one per sample), got "
-                                 f"shape {tuple(timestep.shape)}")
-            ts = self._ts_dev(device)
-            eq = timestep.to(device=device, dtype=ts.dtype).reshape(-1, 1) == ts.reshape(1, -1)
-            rows = torch.argmax(eq.to(torch.int32), dim=1)
-            return torch.where(eq.any(dim=1), rows, torch.full_like(rows, self._rows)), True
-        if not (_is_host_number(timestep) or isinstance(timestep, torch.Tensor)):
+            self._integer_timestep_error()
+        elif isinstance(timestep, torch.Tensor):
+            if timestep.dim() >= 1 and timestep.numel() > 1:
+                return self._per_sample_rows(timestep, B, device), True, None
+        elif not _is_host_number(timestep):
             raise TypeError(f"timestep must be a float or a float tensor, got {type(timestep).__name__}")
         if not self._idx_known:
             self._init_index(timestep, device)
         if for_step and self._host_step is not None and self._host_step >= self._rows:
             raise IndexError(f"step index {self._host_step} is out of range: the chain has {self._rows} steps "
                              "(call set_timesteps again to start a new chain)")
-        return self._counter(device).expand(B).contiguous(), False     # int64 [B] rows (a copy kernel for B > 1)
+        row = self._host_row(device)
+        if row is not None:                             # CPU counter read on the host: a cached rows tensor
+            return _row_tensor(B, row), False, row
+        return self._counter(device).expand(B).contiguous(), False, None   # int64 [B] (a copy kernel for B > 1)
+
+    def _integer_timestep_error(self):
+        raise ValueError(f"Passing integer indices (e.g. from `enumerate(timesteps)`) as timesteps to "
+                         f"`{type(self).__name__}.step()` is not supported. Make sure to pass one of the "
+                         f"`scheduler.timesteps` as a timestep.")
+
+    def _per_sample_rows(self, timestep, B: int, device) -> torch.Tensor:
+        """int64 [B] rows of a [B] timestep tensor, matched on its device (first match; no match: the NaN row)."""
+        if timestep.dim() != 1 or timestep.numel() != B:
+            raise ValueError(f"timestep must be a scalar or a [B] tensor with B = {B} (one per sample), got "
+                             f"shape {tuple(timestep.shape)}")
+        ts = self._ts_dev(device)
+        eq = timestep.to(device=device, dtype=ts.dtype).reshape(-1, 1) == ts.reshape(1, -1)
+        rows = torch.argmax(eq.to(torch.int32), dim=1)
+        return torch.where(eq.any(dim=1), rows, torch.full_like(rows, self._rows))
 
     def _advance(self) -> None:
-        self._idx.add_(1).clamp_(max=self._rows)          # saturates at the NaN row: never gathers out of bounds
+        idx, arr = self._idx_host
+        if arr is not None and idx is self._idx and "cpu" in _HOST_DEVICES:
+            arr[0] = min(int(arr[0]) + 1, self._rows)     # a CPU counter: written through numpy, no torch op
+        else:
+            self._idx.add_(1).clamp_(max=self._rows)      # saturates at the NaN row: never gathers out of bounds
         if self._host_step is not None:
             self._host_step += 1
 
@@ -344,21 +454,26 @@ class _FastEulerBase:
         if model_output.shape != sample.shape:
             raise ValueError(f"model_output must have the sample's shape {tuple(sample.shape)}, got "
                              f"{tuple(model_output.shape)}")
-        if model_output.device != sample.device:
+        if not (model_output.is_cpu and sample.is_cpu) and model_output.device != sample.device:
             raise ValueError(f"model_output is on {model_output.device} but sample is on {sample.device}")
 
     def _run(self, model_output, timestep, sample, *, key, stochastic, draw, noise_shape_dtype, generator,
-             x0_key=None):
-        """One step: rows, noise, backend, fused_step (+ the x̂₀ launch for churn). ``draw(rows_host)`` tells, in exact
-        mode, whether diffusers would draw noise now; ``noise_shape_dtype`` is (shape, dtype, device) of its draw."""
+             x0_key=None, x0_noise=False):
+        """One step: rows, noise, backend, one fused_step. ``draw(rows, per_sample)`` tells, in exact mode, whether
+        diffusers would draw noise now; ``noise_shape_dtype`` is (shape, dtype, device) of its draw (None:
+        ``model_output``'s). ``x0_noise``: x̂₀ carries the step's noise too, through the table's Z0 column (Euler's
+        churn), in the same launch — applied when the step draws noise. ``x0_key``: x̂₀ written instead by a second
+        launch on that key's table (C1, C2, SIGMA as x̂₀'s A, B, noise coefficient) with the same noise; one launch
+        with ``x0_noise`` is cheaper."""
         self._check_tensors(model_output, sample)
         device, B = sample.device, sample.shape[0]
-        rows, per_sample = self._resolve_rows(timestep, B, device, for_step=True)
+        rows, per_sample, row = self._locate(timestep, B, device, for_step=True)
 
         z, seed = None, None
         if generator is not None:
             if draw(rows, per_sample):
-                shape, dtype, zdev = noise_shape_dtype
+                shape, dtype, zdev = noise_shape_dtype or (model_output.shape, model_output.dtype,
+                                                           model_output.device)
                 z = randn_tensor(shape, generator=generator, device=zdev, dtype=dtype)
                 stochastic = True
             else:
@@ -366,18 +481,25 @@ class _FastEulerBase:
         elif stochastic:
             seed = self._seed_tensor(device)
 
-        any_f64 = _F64 in (sample.dtype, model_output.dtype) or (z is not None and z.dtype == _F64)
+        sdtype, out_dtype = sample.dtype, model_output.dtype
+        any_f64 = sdtype is _F64 or out_dtype is _F64 or (z is not None and z.dtype is _F64)
         needs_grad = torch.is_grad_enabled() and (sample.requires_grad or model_output.requires_grad)
-        backend = _ops.resolve_backend(self.backend, device, any_f64=any_f64, needs_grad=needs_grad)
+        backend = _resolve_backend(self.backend, device, any_f64, needs_grad)
         tdtype = _ops.table_dtype(backend, any_f64)
-        table = self._table(key, device, tdtype)
-        out_dtype = model_output.dtype
-        out = None if out_dtype == sample.dtype else torch.empty_like(sample, dtype=out_dtype,
-                                                                      memory_format=torch.contiguous_format)
-        # the x̂₀ of a churned step carries the noise too: a second launch on the x̂₀ table writes it
+        x0_noise = bool(x0_noise) and stochastic          # a step that draws no noise adds none to x̂₀ either
         split_x0 = self._has_x0 and x0_key is not None and stochastic
+        if row is not None and backend == "torch" and _CPU_FAST and out_dtype is sdtype:
+            if _cpu_plain(sample, model_output, z):
+                prev, x0 = self._cpu_step(key, x0_key if split_x0 else None, row, rows, sample, model_output, z,
+                                          seed, stochastic, tdtype, x0_noise)
+                self._advance()
+                return prev, x0
+        table = self._table(key, device, tdtype)
+        out = None if out_dtype is sdtype else torch.empty_like(sample, dtype=out_dtype,
+                                                                memory_format=torch.contiguous_format)
         prev, x0 = _ops.fused_step(table, rows, sample, model_output, noise=z, seed=seed, stochastic=stochastic,
-                                   out=out, return_x0=self._has_x0 and not split_x0, backend=backend)
+                                   out=out, return_x0=self._has_x0 and not split_x0, backend=backend,
+                                   x0_noise=x0_noise)
         if split_x0:
             x0 = torch.empty_like(sample, memory_format=torch.contiguous_format)
             _ops.fused_step(self._table(x0_key, device, tdtype), rows, sample, model_output, noise=z, seed=seed,
@@ -385,6 +507,35 @@ class _FastEulerBase:
         if not per_sample:
             self._advance()
         return prev, x0
+
+    def _cpu_step(self, key, x0_key, row, rows, sample, model_output, z, seed, stochastic, tdtype, x0_noise=False):
+        """The "torch" backend's one-pass CPU update (:func:`fastrev._cpu.table_step`, what ``fused_step`` runs for
+        these tensors), called directly for a host-indexed step on plain float32 CPU tensors: the same kernel, the
+        same float32 coefficient rows (gathered once per chain and row, not per call) and the same noise, without
+        ``fused_step``'s per-call dispatch (eligibility checks, row gather, output routing). Bit for bit the
+        ``fused_step`` result (tested). ``x0_key``: the churn's x̂₀ table (a second pass), or None."""
+        B = sample.shape[0]
+        coef = self._coef_rows(key, row, B, tdtype)
+        philox = stochastic and z is None
+        noise_kw = dict(seed=seed, sample_index=_arange(B), step=rows) if philox else {}
+        prev = torch.empty_like(sample)                                 # sample is contiguous: so are these
+        x0 = torch.empty_like(sample) if self._has_x0 else None
+        _cpu.table_step(coef, sample, model_output, z=z, stochastic=stochastic, prev=prev,
+                        x0=x0 if x0_key is None else None, x0_noise=x0_noise, **noise_kw)
+        if x0_key is not None:                                          # churn: x̂₀ from its own table, same noise
+            _cpu.table_step(self._coef_rows(x0_key, row, B, tdtype), sample, model_output, z=z,
+                            stochastic=True, prev=x0, **noise_kw)
+        return prev, x0
+
+    def _coef_rows(self, key, row, B, tdtype) -> torch.Tensor:
+        """[B, NCOL]: B copies of row ``row`` of the CPU table of ``key``, a contiguous view of the table (B = 1) or
+        of its rows repeated B times (made once per chain), so a step gathers nothing."""
+        ck = ("rows", key, B, tdtype)
+        rep = self._host_cache.get(ck)
+        if rep is None:
+            table = self._table(key, _CPU, tdtype)
+            rep = self._host_cache[ck] = table if B == 1 else table.repeat_interleave(B, dim=0)
+        return rep[row * B:(row + 1) * B]
 
     def _host_rows(self, rows, per_sample) -> torch.Tensor:
         """The current rows on the host (exact mode only: may read the device back, as diffusers does)."""
@@ -438,13 +589,26 @@ class _SigmaEulerBase(_FastEulerBase):
         timestep tensor."""
         if not isinstance(sample, torch.Tensor) or not sample.dtype.is_floating_point:
             raise TypeError(f"sample must be a floating torch.Tensor, got {type(sample).__name__}")
-        rows, _ = self._resolve_rows(timestep, sample.shape[0] if sample.dim() else 1, sample.device,
-                                     for_step=False)
-        denom = self._device_value(("denominators",), sample.device, self._denominators_host)
-        d = denom.index_select(0, rows.reshape(-1)).reshape((-1,) + (1,) * max(sample.dim() - 1, 0))
+        device, dim = sample.device, sample.dim()
+        B = sample.shape[0] if dim else 1
+        rows, _, row = self._locate(timestep, B, device, for_step=False)
+        if row is not None:                 # host-indexed CPU step: a view of the divisors, shaped once per chain
+            key = ("scale", B, dim)
+            ds = self._host_cache.get(key)
+            if ds is None:
+                ds = self._host_cache[key] = self._scale_divisor(
+                    torch.arange(self._rows + 1).repeat_interleave(B), device, dim)
+            d = ds[row * B:(row + 1) * B]
+        else:
+            d = self._scale_divisor(rows, device, dim)
         self.is_scale_input_called = True
         scaled = sample / d
         return scaled if scaled.dtype == sample.dtype else scaled.to(sample.dtype)
+
+    def _scale_divisor(self, rows, device, dim) -> torch.Tensor:
+        """√(σ² + 1) of ``rows`` (a device gather), shaped [B, 1, ...] to divide a sample of ``dim`` dimensions."""
+        denom = self._device_value(("denominators",), device, self._denominators_host)
+        return denom.index_select(0, rows.reshape(-1)).reshape((-1,) + (1,) * max(dim - 1, 0))
 
     def set_timesteps(self, num_inference_steps=None, device=None, timesteps=None, sigmas=None):
         """diffusers' ``set_timesteps`` (run by the internal diffusers scheduler); then the tables are rebuilt and,
@@ -475,7 +639,7 @@ class _SigmaEulerBase(_FastEulerBase):
 # ------------------------------------------------------------------------------------------------ Euler
 class FastEulerDiscreteScheduler(_SigmaEulerBase, SchedulerMixin, ConfigMixin):
     """Drop-in ``EulerDiscreteScheduler`` (SDXL's default): same config (plus ``fastrev_fixes``), API and numbers,
-    one fused launch per step (two with ``s_churn``). See the module doc for exact/fast noise, the device step index,
+    one fused launch per step (``s_churn`` included). See the module doc for exact/fast noise, the device step index,
     per-sample timesteps and ``fastrev_fixes``.
     """
 
@@ -544,15 +708,15 @@ class FastEulerDiscreteScheduler(_SigmaEulerBase, SchedulerMixin, ConfigMixin):
         return sig, nxt, sig_hat, gamma, c
 
     def _build_rows(self, key) -> torch.Tensor:
-        kind, churn = key
+        """The step on the churned sample x̂ = x + c·z: x̂₀ = A·x̂ + B·out = A·x + B·out + (Z0 = A·c)·z and
+        prev = x̂ + (x̂ − x̂₀)·r = C1·x + C2·out + (SIGMA = C1·c)·z, one z in both (c = 0 without churn)."""
+        _, churn = key
         sig, nxt, sig_hat, gamma, c = self._churn(churn)
         A, B = self._x0_coefficients(sig, sig_hat)
         zero = torch.zeros_like(sig)
-        if kind == "x0":              # x̂₀ of the churned sample: A·x + B·out + A·c·z, written as a step's "prev"
-            return _T.finish_table(zero, zero, zero, A, B, A * c, clip=False)
         r = (nxt - sig_hat) / sig_hat  # prev = x + (x − x̂₀)·(σ_next − σ̂)/σ̂, x the churned sample
         C1, C2 = 1 + r * (1 - A), -r * B
-        return _T.finish_table(A, B, zero, C1, C2, C1 * c, clip=False)
+        return _T.finish_table(A, B, zero, C1, C2, C1 * c, clip=False, Z0=A * c)
 
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, s_churn: float = 0.0,
              s_tmin: float = 0.0, s_tmax: float = float("inf"), s_noise: float = 1.0, generator=None,
@@ -568,15 +732,18 @@ class FastEulerDiscreteScheduler(_SigmaEulerBase, SchedulerMixin, ConfigMixin):
             generator: a torch.Generator or a list (exact mode: diffusers' noise); None: fast counter noise.
             return_dict: False returns ``(prev_sample, pred_original_sample)``.
         """
-        for name, v in (("s_churn", s_churn), ("s_tmin", s_tmin), ("s_tmax", s_tmax), ("s_noise", s_noise)):
-            if isinstance(v, bool) or not isinstance(v, (int, float)):
-                raise TypeError(f"{name} must be a Python number, got {type(v).__name__}")
+        if type(s_churn) is float and type(s_tmin) is float and type(s_tmax) is float and type(s_noise) is float:
+            churn = (s_churn, s_tmin, s_tmax, s_noise)          # the common case (the defaults): no conversions
+        else:
+            for name, v in (("s_churn", s_churn), ("s_tmin", s_tmin), ("s_tmax", s_tmax), ("s_noise", s_noise)):
+                if isinstance(v, bool) or not isinstance(v, (int, float)):
+                    raise TypeError(f"{name} must be a Python number, got {type(v).__name__}")
+            churn = (float(s_churn), float(s_tmin), float(s_tmax), float(s_noise))
         if s_churn < 0:
             raise ValueError(f"s_churn must be >= 0, got {s_churn}")
         if not self.is_scale_input_called:
             logger.warning("The `scale_model_input` function should be called before `step` to ensure correct "
                            "denoising. See `StableDiffusionPipeline` for a usage example.")
-        churn = (float(s_churn), float(s_tmin), float(s_tmax), float(s_noise))
         gamma, any_churn, all_churn = self._churn_flags(churn)
 
         def draw(rows, per_sample):             # exact mode: diffusers draws iff γ > 0 at this step
@@ -585,8 +752,8 @@ class FastEulerDiscreteScheduler(_SigmaEulerBase, SchedulerMixin, ConfigMixin):
             return bool((gamma[self._host_rows(rows, per_sample).numpy()] > 0).any())
 
         prev, x0 = self._run(model_output, timestep, sample, key=("prev", churn), stochastic=any_churn, draw=draw,
-                             noise_shape_dtype=(model_output.shape, model_output.dtype, model_output.device),
-                             generator=generator, x0_key=("x0", churn) if any_churn else None)
+                             noise_shape_dtype=None,
+                             generator=generator, x0_noise=any_churn)
         if not return_dict:
             return (prev, x0)
         return EulerDiscreteSchedulerOutput(prev_sample=prev, pred_original_sample=x0)
@@ -653,7 +820,7 @@ class FastEulerAncestralDiscreteScheduler(_SigmaEulerBase, SchedulerMixin, Confi
                            "denoising. See `StableDiffusionPipeline` for a usage example.")
         prev, x0 = self._run(model_output, timestep, sample, key=("ancestral",), stochastic=True,
                              draw=lambda rows, per_sample: True,
-                             noise_shape_dtype=(model_output.shape, model_output.dtype, model_output.device),
+                             noise_shape_dtype=None,
                              generator=generator)
         if not return_dict:
             return (prev, x0)
@@ -766,7 +933,8 @@ class FastFlowMatchEulerDiscreteScheduler(_FastEulerBase, SchedulerMixin, Config
             st = bool(self.config.stochastic_sampling)
             prev, _ = self._run(model_output, timestep, sample, key=("flow", st), stochastic=st,
                                 draw=lambda rows, per_sample: st,
-                                noise_shape_dtype=(sample.shape, torch.float32, sample.device), generator=generator)
+                                noise_shape_dtype=None if generator is None else (sample.shape, torch.float32,
+                                                                                  sample.device), generator=generator)
         if not return_dict:
             return (prev,)
         return FlowMatchEulerDiscreteSchedulerOutput(prev_sample=prev)

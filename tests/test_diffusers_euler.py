@@ -101,8 +101,10 @@ def _model(shape, seed=3):
     return f
 
 
-def _loop(sched, n=8, *, shape=SHAPE, gen=True, step_kw=None, set_kw=None, dtype=torch.float32, x=None):
-    """A pipeline-shaped loop; returns (final sample, per-step outputs, per-step scales).
+def _loop(sched, n=8, *, shape=SHAPE, gen=True, step_kw=None, set_kw=None, dtype=torch.float32, x=None,
+          contiguous=False):
+    """A pipeline-shaped loop; returns (final sample, per-step outputs, per-step scales). The model's output is
+    channel-strided (einsum) unless ``contiguous``.
 
     The scales are the magnitudes diffusers' float32 arithmetic acts on: |x| for prev_sample (x + d·dt rounds at the
     size of x, e.g. 4096 at zero-terminal-SNR's σ_max), and |A·x| + |B·out| for x̂₀ = A·x + B·out."""
@@ -123,6 +125,7 @@ def _loop(sched, n=8, *, shape=SHAPE, gen=True, step_kw=None, set_kw=None, dtype
     for i, t in enumerate(sched.timesteps):
         xin = sched.scale_model_input(x, t) if hasattr(sched, "scale_model_input") else x
         out = model(xin, t).to(dtype)
+        out = out.contiguous() if contiguous else out
         sig = float(sched.sigmas[i])
         a, b = {"epsilon": (1.0, sig), "v_prediction": (1 / (sig**2 + 1), sig / math.sqrt(sig**2 + 1))}.get(pt, (0, 1))
         ax, ao = x.double().abs().max().item(), out.double().abs().max().item()
@@ -492,13 +495,53 @@ def test_per_sample_timesteps():
             _close(prev[b:b + 1], ref, what=f"{name} sample {b} at step {i}")
 
 
+@pytest.mark.parametrize("name,cfg,step_kw", [
+    ("euler", dict(SD), {}),
+    ("euler", dict(prediction_type="v_prediction"), {}),
+    ("euler", dict(prediction_type="sample"), {}),
+    ("euler", dict(SD), dict(s_churn=1.0)),
+    ("euler", {}, dict(s_churn=3.0, s_tmin=0.3, s_tmax=4.0, s_noise=1.003)),
+    ("ancestral", dict(SD), {}),
+    ("flow", dict(shift=3.0), {}),
+    ("flow", dict(shift=3.0, stochastic_sampling=True), {}),
+])
+def test_cpu_fast_path_is_fused_step_bit_for_bit(monkeypatch, name, cfg, step_kw):
+    """Host-indexed steps on plain float32 CPU tensors call the one-pass CPU update directly (not through fused_step):
+    every step's outputs equal fused_step's bit for bit (exact and fast mode, B = 1 and 3, scale_model_input in the
+    loop); the direct path is the one taken, the device counter follows the host index, and a channel-strided model
+    output takes fused_step."""
+    _, fast_cls = PAIRS[name]
+    taken = []
+    direct = DE._FastEulerBase._cpu_step
+    monkeypatch.setattr(DE._FastEulerBase, "_cpu_step", lambda self, *a: taken.append(1) or direct(self, *a))
+    for shape in ((1, 4, 8, 8), (3, 2, 4, 4)):
+        for gen in (True, False):
+            runs = []
+            for on in (True, False):
+                monkeypatch.setattr(DE, "_CPU_FAST", on)
+                taken.clear()
+                s = fast_cls(**cfg)
+                s.noise_seed = 21
+                runs.append(_loop(s, n=6, shape=shape, gen=gen, step_kw=step_kw, contiguous=True)[1])
+                assert len(taken) == (6 if on else 0)
+                assert s.step_index == 6 and int(s._idx) == 6
+            for i, (a, b) in enumerate(zip(*runs, strict=True)):
+                for u, v in zip(a, b, strict=True):
+                    assert torch.equal(u, v), f"{name} {shape} gen={gen} step {i}"
+    monkeypatch.setattr(DE, "_CPU_FAST", True)
+    taken.clear()
+    _loop(fast_cls(**cfg), n=3, step_kw=step_kw)                  # channel-strided output: through fused_step
+    assert not taken
+
+
 def test_fast_device_path_never_reads_back(monkeypatch):
     """The device code path (CPU tensors treated as device tensors) never reads a tensor value on the host: a loop
     with every host read patched to raise runs through, and matches the host path."""
     monkeypatch.setattr(DE, "_HOST_DEVICES", ())
     cases = [(FastEulerDiscreteScheduler, dict(SD), dict(s_churn=1.0)), (FastEulerAncestralDiscreteScheduler, {}, {}),
              (FastFlowMatchEulerDiscreteScheduler, dict(stochastic_sampling=True), {}),
-             (FastEulerDiscreteScheduler, dict(prediction_type="v_prediction"), {})]
+             (FastEulerDiscreteScheduler, dict(prediction_type="v_prediction"), {}),
+             (FastEulerDiscreteScheduler, {}, dict(s_churn=3.0, s_tmin=0.3, s_tmax=4.0))]    # γ > 0 at step 2 only
     for cls, cfg, kw in cases:
         ref_s = cls(**cfg)
         ref_s.noise_seed = 5
@@ -544,6 +587,72 @@ def test_triton_kernel_matches_torch_path(kernel_device, name, cfg, step_kw):
             x = torch.randn(shape, generator=torch.Generator().manual_seed(3), device="cpu").to(kernel_device)
             res.append(_loop(s, n=3, shape=shape, gen=gen, step_kw=step_kw, x=x)[0].cpu())
         _close(res[0], res[1], tol=2e-5, what=f"{name} gen={gen}")
+
+
+CHURN_WINDOW = dict(s_churn=3.0, s_tmin=0.3, s_tmax=4.0, s_noise=1.003)     # n = 3: γ > 0 at the middle step only
+
+
+def test_euler_churn_is_one_kernel_launch(kernel_device, monkeypatch):
+    """Euler with churn: one launch a step, x̂₀'s noise through the kernel's X0_NOISE (the same z as prev's), in exact
+    and fast mode; with a γ window exact mode launches without noise where γ = 0 (diffusers draws nothing there),
+    fast mode always with it (multiplied by 0 there). The interpreter (or GPU) run equals the torch path."""
+    from fastrev.kernels import reverse_step as K
+
+    launches = []
+    real = K.reverse_step
+
+    def counting(ts, **kw):
+        launches.append(bool(kw.get("x0_noise")))
+        return real(ts, **kw)
+
+    monkeypatch.setattr(K, "reverse_step", counting)
+    shape, n = (2, 2, 3, 3), 3
+    for step_kw, gen, want in ((dict(s_churn=1.0), True, [True] * 3), (dict(s_churn=1.0), False, [True] * 3),
+                               (CHURN_WINDOW, True, [False, True, False]), (CHURN_WINDOW, False, [True] * 3)):
+        res = []
+        for backend in ("triton", "torch"):
+            launches.clear()
+            s = FastEulerDiscreteScheduler(**SD)
+            s.backend = backend
+            s.noise_seed = 8
+            x = torch.randn(shape, generator=torch.Generator().manual_seed(3)).to(kernel_device)
+            _, outs, _ = _loop(s, n=n, shape=shape, gen=gen, step_kw=step_kw, x=x)
+            assert launches == (want if backend == "triton" else []), (step_kw, gen, backend)
+            res.append([(p.cpu(), x0.cpu()) for p, x0 in outs])
+        for i, ((pa, xa), (pb, xb)) in enumerate(zip(*res, strict=True)):
+            _close(pa, pb, tol=2e-5, what=f"prev step {i} {step_kw} gen={gen}")
+            _close(xa, xb, tol=2e-5, what=f"x0 step {i} {step_kw} gen={gen}")
+
+
+@pytest.mark.parametrize("contiguous", [False, True], ids=["fused_step", "direct-cpu"])
+def test_euler_churn_one_pass_on_the_torch_path(monkeypatch, contiguous):
+    """The torch path with churn: one fused_step a step (a channel-strided model output) or one pass of the CPU
+    update (a contiguous one), never a second launch for x̂₀; whole exact loops still equal diffusers to float32
+    rounding (prev and x̂₀, teacher forced too) — with a γ window as well."""
+    from fastrev import _cpu
+
+    calls = {"fused_step": 0, "table_step": 0}
+    for mod, name in ((DE._ops, "fused_step"), (_cpu, "table_step")):
+        real = getattr(mod, name)
+        monkeypatch.setattr(mod, name, lambda *a, _r=real, _n=name, **k: calls.__setitem__(_n, calls[_n] + 1) or
+                            _r(*a, **k))
+    for step_kw in (dict(s_churn=1.0), CHURN_WINDOW):
+        calls.update(fused_step=0, table_step=0)
+        s = FastEulerDiscreteScheduler(**SD)
+        _loop(s, n=3, step_kw=step_kw, contiguous=contiguous)
+        assert calls == ({"fused_step": 0, "table_step": 3} if contiguous else {"fused_step": 3, "table_step": 0})
+        _check_loop(EulerDiscreteScheduler(**SD), FastEulerDiscreteScheduler(**SD), n=3, step_kw=step_kw,
+                    contiguous=contiguous)
+    if contiguous:      # the compiled pass (x̂₀'s noise in its vectorized loop) against the eager float32 update
+        for gen in (True, False):
+            runs = []
+            for available in (True, False):
+                monkeypatch.setattr(_cpu, "AVAILABLE", available)
+                s = FastEulerDiscreteScheduler(**SD)
+                s.noise_seed = 2
+                runs.append(_loop(s, n=4, gen=gen, step_kw=dict(s_churn=1.0), contiguous=True)[1])
+            for a, b in zip(*runs, strict=True):      # exact: bit for bit; fast: the pass's normals to 1e-6
+                torch.testing.assert_close(a, b, rtol=0 if gen else 1e-5, atol=0 if gen else 1e-4)
 
 
 def test_triton_kernel_per_sample_and_mixed_dtype(kernel_device):
