@@ -154,6 +154,16 @@ def _normals_kernel(out, sidx, steps, k0, k1, job0, job1):
             out[b, e] = Z[e - e0]
 
 
+@njit(inline="always", cache=True, error_model="numpy")
+def _add_history(ps, As, hs, d, ah, want_aux):
+    """One history term over a block: x_{t−1} += d·h (and aux += ah·h), a straight loop LLVM vectorizes."""
+    for j in range(ps.shape[0]):
+        hv = hs[j]
+        ps[j] = ps[j] + d * hv
+        if want_aux:
+            As[j] = As[j] + ah * hv
+
+
 @njit(nogil=True, cache=True, error_model="numpy")
 def _step_kernel(x, o, v, z, h0, h1, h2, h3, coef, thresh, sidx, steps, k0, k1, prev, x0, aux, clip_mode, var_mode,
                  noise_mode, n_hist, want_x0, want_aux, x0_noise, job0, job1):
@@ -197,6 +207,41 @@ def _step_kernel(x, o, v, z, h0, h1, h2, h3, coef, thresh, sidx, steps, k0, k1, 
         if (add_noise or x0_noise) and noise_mode == 2:
             _fill_normals(Z, sidx[b], steps[b], g0, g1, k0, k1, UA, UB)
         xb, ob, pb = x[b], o[b], prev[b]
+        if var_mode == 0 and (n_hist > 0 or want_aux):
+            # a multistep solver's step (history, aux) as straight loops over the block, in apply_table's order:
+            # x̂₀, the base of x_{t−1} and aux; then each history term; then the noise (the block stays in cache)
+            n = e1 - e0
+            rr = r if clip_mode != 0 else np.float32(np.inf)
+            ss = r if clip_mode == 2 else one
+            xs, os_, ps = xb[e0:e1], ob[e0:e1], pb[e0:e1]
+            x0s = x0[b, e0:e1] if want_x0 else X0S[:n]
+            As = aux[b, e0:e1] if want_aux else X0S[:n]
+            zs = z[b, e0:e1] if noise_mode == 1 else Z[:n]
+            for j in range(n):
+                xv = xs[j]
+                ov = os_[j]
+                xh = a * xv + bb * ov
+                if x0_noise:
+                    xh = xh + z0c * zs[j]
+                xh = rr if xh > rr else xh
+                xh = -rr if xh < -rr else xh
+                xh = xh / ss
+                if want_aux:
+                    As[j] = ax0 * xh + axc * xv
+                ps[j] = c0 * xh + c1 * xv + c2 * ov
+                x0s[j] = xh
+            if n_hist >= 1:
+                _add_history(ps, As, h0[b, e0:e1], d0, ah0, want_aux)
+            if n_hist >= 2:
+                _add_history(ps, As, h1[b, e0:e1], d1, ah1, want_aux)
+            if n_hist >= 3:
+                _add_history(ps, As, h2[b, e0:e1], d2, ah2, want_aux)
+            if n_hist >= 4:
+                _add_history(ps, As, h3[b, e0:e1], d3, ah3, want_aux)
+            if add_noise:
+                for j in range(n):
+                    ps[j] = ps[j] + sig * zs[j]
+            continue
         if var_mode == 0 and n_hist == 0 and not want_aux:
             # the common case as straight loops over the block that LLVM vectorizes: clipping as selects (an
             # infinite range when off; NaN passes through both), thresholding's 1/s division (by 1.0 otherwise:
