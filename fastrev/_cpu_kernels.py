@@ -180,6 +180,8 @@ def _step_kernel(x, o, v, z, h0, h1, h2, h3, coef, thresh, sidx, steps, k0, k1, 
     UB = np.empty(2 * _GROUPS_PER_BLOCK, np.float32)
     Z = np.empty(4 * _GROUPS_PER_BLOCK, np.float32)
     X0S = np.empty(4 * _GROUPS_PER_BLOCK, np.float32)
+    PS = np.empty(4 * _GROUPS_PER_BLOCK, np.float32)
+    AUXS = np.empty(4 * _GROUPS_PER_BLOCK, np.float32)
     one = np.float32(1.0)
     half = np.float32(0.5)
     for job in range(job0, job1):
@@ -209,14 +211,15 @@ def _step_kernel(x, o, v, z, h0, h1, h2, h3, coef, thresh, sidx, steps, k0, k1, 
         xb, ob, pb = x[b], o[b], prev[b]
         if var_mode == 0 and (n_hist > 0 or want_aux):
             # a multistep solver's step (history, aux) as straight loops over the block, in apply_table's order:
-            # x̂₀, the base of x_{t−1} and aux; then each history term; then the noise (the block stays in cache)
+            # x̂₀, the base of x_{t−1} and aux; then each history term; then the noise — into scratch blocks, written
+            # out last, so an output may alias any input element by element (Heun writes over its `base`), as in
+            # the per-element loop below
             n = e1 - e0
             rr = r if clip_mode != 0 else np.float32(np.inf)
             ss = r if clip_mode == 2 else one
-            xs, os_, ps = xb[e0:e1], ob[e0:e1], pb[e0:e1]
-            x0s = x0[b, e0:e1] if want_x0 else X0S[:n]
-            As = aux[b, e0:e1] if want_aux else X0S[:n]
+            xs, os_ = xb[e0:e1], ob[e0:e1]
             zs = z[b, e0:e1] if noise_mode == 1 else Z[:n]
+            P, AS, XS = PS[:n], AUXS[:n], X0S[:n]
             for j in range(n):
                 xv = xs[j]
                 ov = os_[j]
@@ -226,21 +229,25 @@ def _step_kernel(x, o, v, z, h0, h1, h2, h3, coef, thresh, sidx, steps, k0, k1, 
                 xh = rr if xh > rr else xh
                 xh = -rr if xh < -rr else xh
                 xh = xh / ss
-                if want_aux:
-                    As[j] = ax0 * xh + axc * xv
-                ps[j] = c0 * xh + c1 * xv + c2 * ov
-                x0s[j] = xh
+                AS[j] = ax0 * xh + axc * xv
+                P[j] = c0 * xh + c1 * xv + c2 * ov
+                XS[j] = xh
             if n_hist >= 1:
-                _add_history(ps, As, h0[b, e0:e1], d0, ah0, want_aux)
+                _add_history(P, AS, h0[b, e0:e1], d0, ah0, want_aux)
             if n_hist >= 2:
-                _add_history(ps, As, h1[b, e0:e1], d1, ah1, want_aux)
+                _add_history(P, AS, h1[b, e0:e1], d1, ah1, want_aux)
             if n_hist >= 3:
-                _add_history(ps, As, h2[b, e0:e1], d2, ah2, want_aux)
+                _add_history(P, AS, h2[b, e0:e1], d2, ah2, want_aux)
             if n_hist >= 4:
-                _add_history(ps, As, h3[b, e0:e1], d3, ah3, want_aux)
+                _add_history(P, AS, h3[b, e0:e1], d3, ah3, want_aux)
             if add_noise:
                 for j in range(n):
-                    ps[j] = ps[j] + sig * zs[j]
+                    P[j] = P[j] + sig * zs[j]
+            pb[e0:e1] = P
+            if want_x0:
+                x0[b, e0:e1] = XS
+            if want_aux:
+                aux[b, e0:e1] = AS
             continue
         if var_mode == 0 and n_hist == 0 and not want_aux:
             # the common case as straight loops over the block that LLVM vectorizes: clipping as selects (an
