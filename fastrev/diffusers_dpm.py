@@ -52,8 +52,8 @@ Differences from diffusers (everything else matches):
     (an UnboundLocalError at the first third-order step): here a NotImplementedError at that step (NaN when the step
     index is only on the device).
   * without a generator the SDE noise is the counter stream, not ``torch.randn`` from the global generator.
-  * the tensors in ``model_outputs`` are the scheduler's buffers: once the x̂₀ output buffer API is available, a buffer
-    that falls out of the history is reused for a later step's m₀ (diffusers allocates new tensors).
+  * the tensors in ``model_outputs`` are the scheduler's buffers: a buffer that falls out of the history is reused
+    for a later step's m₀ (diffusers allocates new tensors).
 
 ``fastrev_fixes`` (config key, default False): the scalar coefficients in float64 from diffusers' float32 sigmas
 (no float32 cancellation in h = λ_t − λ_s and in the heun / third-order terms (e^−h − 1 + h)/h² − ½); results move by
@@ -72,14 +72,13 @@ except ImportError as e:  # pragma: no cover - exercised only without diffusers
         "fastrev.diffusers_dpm needs the optional dependency `diffusers` (>= 0.30): install it with "
         f"`pip install 'fastrev[diffusers]'` or `pip install diffusers` (import failed with: {e})") from e
 
-import inspect  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from . import ops as _ops  # noqa: E402
 from . import tables as _T  # noqa: E402
-from .diffusers_euler import BACKENDS, _check_fixes, _FastEulerBase, _is_host_number, _stock_kwargs  # noqa: E402
+from .diffusers_euler import _check_fixes, _FastEulerBase, _is_host_number, _stock_kwargs  # noqa: E402
 
 __all__ = ["FastDPMSolverMultistepScheduler", "ALGORITHM_TYPES", "dpm_orders", "dpm_rows"]
 
@@ -92,10 +91,6 @@ _NAN = float("nan")
 #: code path, and check that it never reads a value back, on CPU tensors).
 _HOST_DEVICES = ("cpu",)
 
-_FUSED = inspect.signature(_ops.fused_step).parameters
-#: the kernel API extension (x̂₀ written into a caller's buffer; an auxiliary output such as ε): used when present
-_HAS_X0_OUT = "x0_out" in _FUSED
-_HAS_AUX = "aux_out" in _FUSED and "AX0" in _T.COL
 
 
 # ------------------------------------------------------------------------------------------------ coefficients
@@ -125,14 +120,13 @@ def _alpha_sigma(sig: torch.Tensor, flow: bool):
 def dpm_rows(sigmas: torch.Tensor, level: int, *, algorithm_type: str, solver_order: int, solver_type: str,
              prediction_type: str, thresholding: bool, lower_order_final: bool, euler_at_final: bool,
              final_sigmas_type: str, flow: bool, float64: bool = False):
-    """The step rows of one warm-up ``level``: (table float64 [R, NCOL], eps_table float64 [R, NCOL] or None, orders
-    int64 [R]).
+    """The step rows of one warm-up ``level``: (table float64 [R, NCOL], orders int64 [R]).
 
     ``sigmas``: diffusers' float32 sigmas (R + 1 of them). The scalars diffusers computes per step (α, σ, λ, h, r₀,
     r₁ and the exp(±h) terms) are computed here in its float32 arithmetic (float64 with ``float64=True``), in its
     operation order, and combined into the coefficients of m₀ (this step's converted output), m₋₁, m₋₂ in float64.
-    ``eps_table`` is the thresholded dpmsolver's second map ε = (x − α·x̂₀)/σ (C1 = 1/σ, C2 = −α/σ on (x, x̂₀)), with
-    its aux columns when the kernel has them. A row whose order diffusers has no update for (sde-dpmsolver, order 3) is
+    For the thresholded dpmsolver the table's aux columns give ε = (x − α·x̂₀)/σ (AX = 1/σ, AX0 = −α/σ), the
+    history entry, written in the same pass. A row whose order diffusers has no update for (sde-dpmsolver, order 3) is
     NaN."""
     cd = _F64 if float64 else torch.float32
     S = sigmas.detach().to("cpu", torch.float32).to(cd)
@@ -235,17 +229,11 @@ def dpm_rows(sigmas: torch.Tensor, level: int, *, algorithm_type: str, solver_or
         C0, C1 = -c_m0 * a0 / s0, cx + c_m0 / s0
     else:
         C0, C1 = c_m0, cx
-    table = _T.finish_table(A, B, C0, C1, z64, noise, clip=bool(thresholding), D=c_m1, D1=c_m2)
+    eps = dict(AX0=-a0 / s0, AX=1 / s0) if thresholding and not data else {}    # ε for the history: aux
+    table = _T.finish_table(A, B, C0, C1, z64, noise, clip=bool(thresholding), D=c_m1, D1=c_m2, **eps)
     bad = torch.isnan(c_m0) if algorithm_type == "sde-dpmsolver" else torch.zeros(R, dtype=torch.bool)
     table[bad] = _NAN
-    eps_table = None
-    if thresholding and not data:
-        extra = dict(AX0=-a0 / s0, AX=1 / s0) if _HAS_AUX else {}
-        eps_table = _T.finish_table(z64, z64, z64, 1 / s0, -a0 / s0, z64, clip=False, **extra)
-        if _HAS_AUX:                             # one launch: the aux columns ride on the step's own table
-            table = _T.finish_table(A, B, C0, C1, z64, noise, clip=True, D=c_m1, D1=c_m2, **extra)
-            table[bad] = _NAN
-    return table, eps_table, orders
+    return table, orders
 
 
 # ------------------------------------------------------------------------------------------------ the scheduler
@@ -356,31 +344,12 @@ class FastDPMSolverMultistepScheduler(_FastEulerBase, SchedulerMixin, ConfigMixi
             return len(self._ts_host) - 1
         return int(idx[1 if len(idx) > 1 else 0])
 
-    def _device_lookup(self, ts: torch.Tensor, eq: torch.Tensor) -> torch.Tensor:
-        cnt = eq.sum(-1)
-        ei = eq.to(torch.int32)
-        first = torch.argmax(ei, dim=-1)
-        second = torch.argmax(((ei.cumsum(-1) == 2) & eq).to(torch.int32), dim=-1)
-        idx = torch.where(cnt > 1, second, first)
-        return torch.where(cnt == 0, torch.full_like(idx, ts.numel() - 1), idx)
+    def _missing_index(self, n_timesteps: int) -> int:
+        return n_timesteps - 1             # as _host_lookup: diffusers falls back to the last index
 
-    def _init_index(self, timestep, device) -> None:
-        counter = self._counter(device)
-        if self._begin_index is not None:
-            host = int(self._begin_index)
-        elif _is_host_number(timestep) or (isinstance(timestep, torch.Tensor)
-                                           and timestep.device.type in _HOST_DEVICES):
-            host = self._host_lookup(timestep)
-        else:                                                   # on the device: no sync
-            ts = self._ts_dev(counter.device)
-            eq = ts == timestep.reshape(()).to(counter.device)
-            counter.copy_(self._device_lookup(ts, eq).reshape(1))
-            self._host_step = None
-            self._idx_known = True
-            return
-        counter.fill_(min(max(host, 0), self._rows))
-        self._host_step = host
-        self._idx_known = True
+    def _timestep_on_host(self, timestep) -> bool:      # this module's _HOST_DEVICES (the tests' switch)
+        return _is_host_number(timestep) or (isinstance(timestep, torch.Tensor)
+                                             and timestep.device.type in _HOST_DEVICES)
 
     def _resolve_rows(self, timestep, B: int, device, for_step: bool = True):
         """Rows of this call: (int64 [B] step indices, per_sample)."""
@@ -420,9 +389,8 @@ class FastDPMSolverMultistepScheduler(_FastEulerBase, SchedulerMixin, ConfigMixi
         return r
 
     def _build_rows(self, key) -> torch.Tensor:
-        kind, level = key
-        table, eps_table, _ = self._rows_of(level)
-        return table if kind == "step" else eps_table
+        _, level = key
+        return self._rows_of(level)[0]
 
     def _tables(self, device, dtype):
         """Every level's table on ``device`` (all uploaded at the first step, so later steps copy nothing to the
@@ -430,15 +398,9 @@ class FastDPMSolverMultistepScheduler(_FastEulerBase, SchedulerMixin, ConfigMixi
         key = (device, dtype)
         tabs = self._chain_tables.get(key)
         if tabs is None:
-            eps = self._needs_eps_launch()
-            tabs = self._chain_tables[key] = [
-                (self._table(("step", lv), device, dtype), self._table(("eps", lv), device, dtype) if eps else None)
-                for lv in range(int(self.config.solver_order))]
+            tabs = self._chain_tables[key] = [self._table(("step", lv), device, dtype)
+                                              for lv in range(int(self.config.solver_order))]
         return tabs
-
-    def _needs_eps_launch(self) -> bool:
-        return bool(self.config.thresholding) and self.config.algorithm_type not in _DATA_PREDICTION \
-            and not _HAS_AUX
 
     # -------------------------------------------------------------------- the step
     def _out_dtype(self, sample_dtype, out_dtype):
@@ -451,17 +413,7 @@ class FastDPMSolverMultistepScheduler(_FastEulerBase, SchedulerMixin, ConfigMixi
         return torch.promote_types(sample_dtype, out_dtype)
 
     def _model_part(self, model_output, sample):
-        _ops._check_choice("backend", self.backend, BACKENDS)
-        if not isinstance(sample, torch.Tensor) or not isinstance(model_output, torch.Tensor):
-            raise TypeError("model_output and sample must be torch.Tensors, got "
-                            f"{type(model_output).__name__} and {type(sample).__name__}")
-        if not sample.dtype.is_floating_point or not model_output.dtype.is_floating_point:
-            raise TypeError(f"model_output and sample must be floating tensors, got {model_output.dtype} and "
-                            f"{sample.dtype}")
-        if sample.dim() < 1:
-            raise ValueError("sample must have a batch dimension (shape [B, ...])")
-        if model_output.device != sample.device:
-            raise ValueError(f"model_output is on {model_output.device} but sample is on {sample.device}")
+        self._check_tensors(model_output, sample, same_shape=False)
         c = self.config
         o = model_output
         if c.prediction_type == "epsilon" and c.variance_type in ("learned", "learned_range") and o.dim() >= 2 \
@@ -524,7 +476,7 @@ class FastDPMSolverMultistepScheduler(_FastEulerBase, SchedulerMixin, ConfigMixi
         rows, per_sample = self._resolve_rows(timestep, B, device)
         self._rows_of(level)                       # prediction_type errors (at the step, as diffusers)
         if cfg.algorithm_type == "sde-dpmsolver" and level >= 2 and self._host_step is not None \
-                and self._rows_of(level)[2][min(self._host_step, self._rows - 1)] == 3:
+                and self._rows_of(level)[1][min(self._host_step, self._rows - 1)] == 3:
             raise NotImplementedError("algorithm_type='sde-dpmsolver' has no third-order update in diffusers' "
                                       "DPMSolverMultistepScheduler (use solver_order <= 2 or 'sde-dpmsolver++')")
         hist = self._history(level, sample)
@@ -549,7 +501,7 @@ class FastDPMSolverMultistepScheduler(_FastEulerBase, SchedulerMixin, ConfigMixi
         any_f64 = _F64 in (sample.dtype, o.dtype) or any(h.dtype == _F64 for h in hist)
         needs_grad = torch.is_grad_enabled() and (sample.requires_grad or model_output.requires_grad)
         backend = _ops.resolve_backend(self.backend, device, any_f64=any_f64, needs_grad=needs_grad)
-        table, eps_table = self._tables(device, _ops.table_dtype(backend, any_f64))[level]
+        table = self._tables(device, _ops.table_dtype(backend, any_f64))[level]
         out_dtype = self._out_dtype(sample.dtype, model_output.dtype)
         out = None if out_dtype == sample.dtype else torch.empty_like(sample, dtype=out_dtype,
                                                                       memory_format=torch.contiguous_format)
@@ -557,18 +509,13 @@ class FastDPMSolverMultistepScheduler(_FastEulerBase, SchedulerMixin, ConfigMixi
         kw = dict(clip=thr, thresholding=thr, dynamic_thresholding_ratio=cfg.dynamic_thresholding_ratio,
                   sample_max_value=cfg.sample_max_value, noise=z, seed=seed, stochastic=stochastic, out=out,
                   backend=backend, history=hist)
-        eps_in_aux = thr and cfg.algorithm_type not in _DATA_PREDICTION and _HAS_AUX
-        if _HAS_X0_OUT:
-            buf = self._x0_buffer(sample, hist, model_output)
-            if eps_in_aux:
-                prev, _ = _ops.fused_step(table, rows, sample, o, return_x0=False, aux_out=buf, **kw)[:2]
-                m0 = buf
-            else:
-                prev, m0 = _ops.fused_step(table, rows, sample, o, return_x0=True, x0_out=buf, **kw)[:2]
+        # the new history entry goes straight into a buffer this step does not read: x̂₀, or for the thresholded
+        # dpmsolver ε = (x − α·x̂₀)/σ through the table's aux columns
+        m0 = self._x0_buffer(sample, hist, model_output)
+        if thr and cfg.algorithm_type not in _DATA_PREDICTION:
+            prev = _ops.fused_step(table, rows, sample, o, return_x0=False, aux_out=m0, **kw).prev_sample
         else:
-            prev, m0 = _ops.fused_step(table, rows, sample, o, return_x0=True, **kw)
-        if eps_table is not None:                  # thresholded dpmsolver: ε = (x − α·x̂₀)/σ, a second launch
-            m0, _ = _ops.fused_step(eps_table, rows, sample, m0, stochastic=False, return_x0=False, backend=backend)
+            prev = _ops.fused_step(table, rows, sample, o, return_x0=True, x0_out=m0, **kw).prev_sample
 
         # diffusers' bookkeeping: shift the history (in place, as diffusers), count the warm-up, advance the index
         n = int(cfg.solver_order)

@@ -359,28 +359,42 @@ class _FastEulerBase:
                              "with its timesteps)")
         return int(idx[1 if len(idx) > 1 else 0])
 
+    def _timestep_on_host(self, timestep) -> bool:
+        """Whether the first step's timestep is read on the host (a Python number, or a tensor on a device of
+        ``_HOST_DEVICES``: a read without a sync)."""
+        return _is_host_number(timestep) or (isinstance(timestep, torch.Tensor)
+                                             and timestep.device.type in _HOST_DEVICES)
+
+    def _missing_index(self, n_timesteps: int) -> int:
+        """The step index a device-side look-up gives a timestep that is not in ``timesteps``: here the NaN row past
+        the end (a subclass whose diffusers class falls back to another index returns that)."""
+        return self._rows
+
+    def _device_lookup(self, ts: torch.Tensor, eq: torch.Tensor) -> torch.Tensor:
+        """diffusers' look-up rule on the device, no sync: ``eq`` [..., T] compares timesteps with ``ts``; the second
+        match of a duplicated timestep, else the first, else :meth:`_missing_index`."""
+        cnt = eq.sum(-1)
+        ei = eq.to(torch.int32)
+        first = torch.argmax(ei, dim=-1)
+        second = torch.argmax(((ei.cumsum(-1) == 2) & eq).to(torch.int32), dim=-1)
+        idx = torch.where(cnt > 1, second, first)
+        return torch.where(cnt == 0, torch.full_like(idx, self._missing_index(ts.numel())), idx)
+
     def _init_index(self, timestep, device) -> None:
         """Start the step index (diffusers' ``_init_step_index``), on the device without a sync when the timestep
         lives there."""
         counter = self._counter(device)
         if self._begin_index is not None:
             host = int(self._begin_index)
-        elif _is_host_number(timestep) or (isinstance(timestep, torch.Tensor)
-                                           and timestep.device.type in _HOST_DEVICES):
+        elif self._timestep_on_host(timestep):
             host = self._host_lookup(timestep)
         else:                                                   # device lookup: no sync
             ts = self._ts_dev(counter.device)
-            eq = ts == timestep.reshape(()).to(counter.device)
-            cnt = eq.sum()
-            ei = eq.to(torch.int32)
-            first = torch.argmax(ei)
-            second = torch.argmax(((ei.cumsum(0) == 2) & eq).to(torch.int32))
-            idx = torch.where(cnt > 1, second, first)
-            counter.copy_(torch.where(cnt == 0, torch.full_like(idx, self._rows), idx).reshape(1))
+            counter.copy_(self._device_lookup(ts, ts == timestep.reshape(()).to(counter.device)).reshape(1))
             self._host_step = None
             self._idx_known = True
             return
-        counter.fill_(min(host, self._rows))
+        counter.fill_(min(max(host, 0), self._rows))
         self._host_step = host
         self._idx_known = True
 
@@ -441,7 +455,8 @@ class _FastEulerBase:
             self._host_step += 1
 
     # -------------------------------------------------------------------- the step
-    def _check_tensors(self, model_output, sample):
+    def _check_tensors(self, model_output, sample, same_shape: bool = True):
+        """The step's input checks (``same_shape=False``: the caller checks the model output's shape itself)."""
         _ops._check_choice("backend", self.backend, BACKENDS)
         if not isinstance(sample, torch.Tensor) or not isinstance(model_output, torch.Tensor):
             raise TypeError("model_output and sample must be torch.Tensors, got "
@@ -451,7 +466,7 @@ class _FastEulerBase:
                             f"{sample.dtype}")
         if sample.dim() < 1:
             raise ValueError("sample must have a batch dimension (shape [B, ...])")
-        if model_output.shape != sample.shape:
+        if same_shape and model_output.shape != sample.shape:
             raise ValueError(f"model_output must have the sample's shape {tuple(sample.shape)}, got "
                              f"{tuple(model_output.shape)}")
         if not (model_output.is_cpu and sample.is_cpu) and model_output.device != sample.device:

@@ -425,28 +425,12 @@ class FastUniPCMultistepScheduler(_FastEulerBase, SchedulerMixin, ConfigMixin):
             return len(self._ts_host) - 1
         return int(idx[1 if len(idx) > 1 else 0])
 
-    def _init_index(self, timestep, device) -> None:
-        counter = self._counter(device)
-        if self._begin_index is not None:
-            host = int(self._begin_index)
-        elif _is_host_number(timestep) or (isinstance(timestep, torch.Tensor)
-                                           and timestep.device.type in _HOST_DEVICES):
-            host = self._host_lookup(timestep)
-        else:                                                   # device lookup: no sync
-            ts = self._ts_dev(counter.device)
-            eq = ts == timestep.reshape(()).to(counter.device)
-            cnt = eq.sum()
-            ei = eq.to(torch.int32)
-            first = torch.argmax(ei)
-            second = torch.argmax(((ei.cumsum(0) == 2) & eq).to(torch.int32))
-            idx = torch.where(cnt > 1, second, first)
-            counter.copy_(torch.where(cnt == 0, torch.full_like(idx, ts.numel() - 1), idx).reshape(1))
-            self._host_step = None
-            self._idx_known = True
-            return
-        counter.fill_(min(host, self._rows))
-        self._host_step = host
-        self._idx_known = True
+    def _missing_index(self, n_timesteps: int) -> int:
+        return n_timesteps - 1             # as _host_lookup: diffusers falls back to the last index
+
+    def _timestep_on_host(self, timestep) -> bool:      # this module's _HOST_DEVICES (the tests' switch)
+        return _is_host_number(timestep) or (isinstance(timestep, torch.Tensor)
+                                             and timestep.device.type in _HOST_DEVICES)
 
     def _resolve_rows(self, timestep, B: int, device, for_step: bool):
         """Rows for this call: (int64 [B] rows, per_sample)."""
